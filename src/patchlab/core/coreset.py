@@ -1,0 +1,76 @@
+"""Greedy k-center coreset selection (PatchCore section 3.2) at the memory-bandwidth floor."""
+
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def random_projection(
+    features: torch.Tensor, dim: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """Johnson-Lindenstrauss projection to `dim` columns; features already that small pass through."""
+    if dim is None or features.shape[1] <= dim:
+        return features.float()
+    matrix = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
+    return features.float() @ matrix.to(features.device)
+
+
+class GreedyCoresetSampler:
+    """Picks the subset whose farthest member is as close as possible to every other patch.
+
+    Each step reads the projected features once: one matrix-vector product against
+    precomputed squared norms (||x||^2 - 2 x.c + ||c||^2) and an in-place running minimum, with
+    every buffer allocated before the loop.
+
+    Args:
+        ratio: Fraction of patches kept, in (0, 1].
+        projection_dim: Columns of the random projection distances are measured in.
+        dtype: "float32", or "bfloat16"/"float16" to halve the bytes read per step.
+        progress: Show a progress bar with steps/s.
+    """
+
+    def __init__(
+        self,
+        ratio: float,
+        projection_dim: int | None = 128,
+        dtype: str = "float32",
+        progress: bool = True,
+    ) -> None:
+        if not 0 < ratio <= 1:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio}")
+        if dtype not in _DTYPES:
+            raise ValueError(f"coreset_dtype must be one of {list(_DTYPES)}, got {dtype!r}")
+        self.ratio = ratio
+        self.projection_dim = projection_dim
+        self.dtype = _DTYPES[dtype]
+        self.progress = progress
+
+    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Returns the indices of the coreset rows of (N, D) `features`, in selection order."""
+        count = features.shape[0]
+        keep = max(1, int(count * self.ratio))
+        if keep >= count:
+            return torch.arange(count)
+        projected = random_projection(features, self.projection_dim, generator)
+        sq_norms = projected.square().sum(1)
+        # Measured on MKL CPUs: fp32 gemv streams fastest over a (d, N) buffer, fp16/bf16 over (N, d).
+        if self.dtype == torch.float32:
+            projected = projected.t().contiguous().t()
+        else:
+            projected = projected.to(self.dtype).contiguous()
+        dots = torch.empty(count, dtype=self.dtype)
+        candidate = torch.empty(count)
+        min_dist = torch.full((count,), float("inf"))
+        selected = torch.empty(keep, dtype=torch.long)
+        index = int(torch.randint(count, (1,), generator=generator))
+        for step in tqdm(range(keep), desc="coreset", unit="step", disable=not self.progress):
+            selected[step] = index
+            torch.mv(projected, projected[index].contiguous(), out=dots)
+            torch.add(sq_norms, dots, alpha=-2, out=candidate)
+            candidate.add_(sq_norms[index])
+            torch.minimum(min_dist, candidate, out=min_dist)
+            index = int(min_dist.argmax())
+        return selected

@@ -1,0 +1,124 @@
+"""PatchCore as a LightningModule: one pass collects patches, the epoch end builds the bank."""
+
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+
+from patchlab.core.coreset import GreedyCoresetSampler
+from patchlab.core.features import FeatureExtractor
+from patchlab.core.patches import aggregate_patches, flatten_patches
+from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
+
+_FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class TestOutputs:
+    """Everything the test pass produced, in dataset order, for metrics, figures and tuning."""
+
+    image_scores: torch.Tensor  # (N,)
+    labels: torch.Tensor  # (N,)
+    maps: torch.Tensor  # (N, H, W) anomaly maps at crop resolution
+    masks: torch.Tensor  # (N, H, W) uint8 ground truth
+
+
+class PatchCore(pl.LightningModule):
+    """Memory-bank anomaly detector; trains no weights, so there is no optimizer or loss.
+
+    Args:
+        backbone: Frozen feature extractor.
+        coreset_ratio: Fraction of training patches kept in the memory bank.
+        num_neighbors: Bank neighbourhood size of the image-score reweighting.
+        projection_dim: Random-projection size used only to pick the coreset.
+        coreset_dtype: Precision of the coreset distance pass ("float32", "float16", "bfloat16").
+        embedding_dim: Pool patch embeddings to this many channels (None keeps them all).
+        patch_size: Neighbourhood averaged into each patch embedding.
+        blur_sigma: Gaussian sigma (pixels) applied to the upsampled anomaly map.
+        feature_dtype: Storage of training patches before coreset selection.
+        seed: Seeds the projection and the coreset's first pick.
+        chunk_size: Test patches per nearest-neighbour block; bounds memory.
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor,
+        coreset_ratio: float = 0.1,
+        num_neighbors: int = 9,
+        projection_dim: int | None = 128,
+        coreset_dtype: str = "float32",
+        embedding_dim: int | None = None,
+        patch_size: int = 3,
+        blur_sigma: float = 4.0,
+        feature_dtype: str = "float32",
+        seed: int = 0,
+        chunk_size: int = 4096,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.backbone = backbone
+        self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, coreset_dtype)
+        self.scorer = NearestNeighbourScorer(num_neighbors, chunk_size)
+        self.embedding_dim = embedding_dim
+        self.patch_size = patch_size
+        self.blur_sigma = blur_sigma
+        self.feature_dtype = _FEATURE_DTYPES[feature_dtype]
+        self.seed = seed
+        self.register_buffer("memory_bank", torch.empty(0, 0))
+        self._features = torch.empty(0, 0)
+        self._filled = 0
+        self._test_batches: list[tuple[torch.Tensor, ...]] = []
+        self.outputs: TestOutputs | None = None
+
+    def configure_optimizers(self) -> None:
+        """PatchCore fits no parameters."""
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images -> (B, D, h, w) locally aggregated patch embeddings."""
+        features = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        return aggregate_patches(features, self.patch_size, self.embedding_dim)
+
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        patches = flatten_patches(self.embed(batch["image"]))
+        patches = patches.reshape(-1, patches.shape[-1])
+        if self._features.numel() == 0:
+            total = len(self.trainer.train_dataloader.dataset) * patches.shape[0] // len(batch["image"])
+            self._features = torch.empty(total, patches.shape[1], dtype=self.feature_dtype)
+        self._features[self._filled : self._filled + len(patches)] = patches
+        self._filled += len(patches)
+
+    def on_train_epoch_end(self) -> None:
+        """Selects the coreset and frees the training patches."""
+        features = self._features[: self._filled]
+        generator = torch.Generator().manual_seed(self.seed)
+        self.memory_bank = features[self.sampler.select(features, generator)].float()
+        self._features, self._filled = torch.empty(0, 0), 0
+        self.scorer.fit(self.memory_bank)
+
+    def load_bank(self, bank: torch.Tensor) -> None:
+        """Restores a saved memory bank so the model scores without refitting."""
+        self.memory_bank = bank.float()
+        self.scorer.fit(self.memory_bank)
+
+    def on_test_start(self) -> None:
+        if self.memory_bank.numel() == 0:
+            raise RuntimeError("The memory bank is empty: fit the model or load a bank first")
+        self._test_batches = []
+
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> (B,) image scores and (B, H, W) anomaly maps."""
+        embedding = self.embed(images)
+        batch, _, height, width = embedding.shape
+        patch_scores, image_scores = self.scorer.score(flatten_patches(embedding))
+        grid = patch_scores.reshape(batch, height, width)
+        return image_scores, anomaly_maps(grid, tuple(images.shape[-2:]), self.blur_sigma)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        image_scores, maps = self.predict(batch["image"])
+        self._test_batches.append((image_scores, batch["label"], maps, batch["mask"]))
+
+    def on_test_epoch_end(self) -> None:
+        columns = [torch.cat(parts).cpu() for parts in zip(*self._test_batches, strict=True)]
+        self.outputs = TestOutputs(*columns)
+        self._test_batches = []

@@ -1,0 +1,82 @@
+"""Image and pixel metrics: AUROC, F1-max and AUPRO, on crop-resolution maps."""
+
+import warnings
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torchmetrics.functional.classification import binary_auroc, binary_precision_recall_curve
+
+
+def _both_classes(labels: torch.Tensor, name: str) -> bool:
+    positives = int(labels.sum())
+    if 0 < positives < labels.numel():
+        return True
+    warnings.warn(f"{name} is NaN: the test set has only one class", stacklevel=3)
+    return False
+
+
+def auroc(scores: torch.Tensor, labels: torch.Tensor, name: str = "auroc") -> float:
+    """Area under the ROC curve; NaN with a warning when only one class is present."""
+    if not _both_classes(labels, name):
+        return float("nan")
+    return float(binary_auroc(scores.flatten().float(), labels.flatten().long()))
+
+
+def f1_max(scores: torch.Tensor, labels: torch.Tensor, name: str = "f1_max") -> tuple[float, float]:
+    """Best F1 over all thresholds, and that threshold (the seed's optimistic "F1-max")."""
+    if not _both_classes(labels, name):
+        return float("nan"), float("nan")
+    precision, recall, thresholds = binary_precision_recall_curve(
+        scores.flatten().float(), labels.flatten().long()
+    )
+    f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
+    best = int(f1[:-1].argmax())
+    return float(f1[best]), float(thresholds[best])
+
+
+def aupro(
+    maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3, steps: int = 301
+) -> float:
+    """Area under the per-region-overlap curve up to `fpr_limit` FPR, normalised to [0, 1].
+
+    Thresholds are read off the sorted normal-pixel scores so the FPR grid is exact; each
+    defect region (8-connected component of a mask) counts once, whatever its size.
+    """
+    if not _both_classes(masks, "aupro"):
+        return float("nan")
+    normal = maps[masks == 0].sort().values
+    above = (torch.linspace(0, fpr_limit, steps) * normal.numel()).round().long()
+    thresholds = torch.where(
+        above > 0, normal[(normal.numel() - above).clamp(max=normal.numel() - 1)], float("inf")
+    )
+    fpr = above.double() / normal.numel()
+    overlaps = []
+    for image_map, mask in zip(maps, masks, strict=True):
+        if not mask.any():
+            continue
+        regions, count = ndimage.label(mask.numpy(), structure=np.ones((3, 3)))
+        regions = torch.from_numpy(regions)
+        for region in range(1, count + 1):
+            scores = image_map[regions == region].sort().values
+            below = torch.searchsorted(scores, thresholds, right=False)
+            overlaps.append(1 - below.double() / scores.numel())
+    pro = torch.stack(overlaps).mean(0)
+    return float(torch.trapezoid(pro, fpr) / fpr_limit)
+
+
+def evaluate(
+    image_scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
+) -> dict[str, float]:
+    """All test metrics of one category, keyed by the names used in metrics.json and MLflow."""
+    image_f1, image_threshold = f1_max(image_scores, labels, "image_f1_max")
+    pixel_f1, pixel_threshold = f1_max(maps, masks, "pixel_f1_max")
+    return {
+        "image_auroc": auroc(image_scores, labels, "image_auroc"),
+        "image_f1_max": image_f1,
+        "image_f1_max_threshold": image_threshold,
+        "pixel_auroc": auroc(maps, masks, "pixel_auroc"),
+        "pixel_f1_max": pixel_f1,
+        "pixel_f1_max_threshold": pixel_threshold,
+        "aupro": aupro(maps, masks),
+    }
