@@ -1,5 +1,6 @@
 """PatchCore as a LightningModule: one pass collects patches, the epoch end builds the bank."""
 
+import warnings
 from dataclasses import dataclass
 
 import pytorch_lightning as pl
@@ -9,6 +10,11 @@ from patchlab.core.coreset import GreedyCoresetSampler
 from patchlab.core.features import FeatureExtractor
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
+
+# Both are PatchCore by design, not mistakes: it has no optimizer, and its backbone stays frozen
+# in eval mode. A user seeing them would go looking for a bug that is not there.
+warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`")
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
 
 _FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -83,7 +89,9 @@ class PatchCore(pl.LightningModule):
         patches = flatten_patches(self.embed(batch["image"]))
         patches = patches.reshape(-1, patches.shape[-1])
         if self._features.numel() == 0:
-            total = len(self.trainer.train_dataloader.dataset) * patches.shape[0] // len(batch["image"])
+            total = (
+                len(self.trainer.train_dataloader.dataset) * patches.shape[0] // len(batch["image"])
+            )
             self._features = torch.empty(total, patches.shape[1], dtype=self.feature_dtype)
         self._features[self._filled : self._filled + len(patches)] = patches
         self._filled += len(patches)

@@ -16,23 +16,29 @@ def _both_classes(labels: torch.Tensor, name: str) -> bool:
     return False
 
 
+def _unit_range(scores: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """Min-max scales to [0, 1] in float64: torchmetrics would squash raw distances by sigmoid."""
+    scores = scores.flatten().double()
+    low, high = float(scores.min()), float(scores.max())
+    return (scores - low) / max(high - low, 1e-12), low, high
+
+
 def auroc(scores: torch.Tensor, labels: torch.Tensor, name: str = "auroc") -> float:
     """Area under the ROC curve; NaN with a warning when only one class is present."""
     if not _both_classes(labels, name):
         return float("nan")
-    return float(binary_auroc(scores.flatten().float(), labels.flatten().long()))
+    return float(binary_auroc(_unit_range(scores)[0], labels.flatten().long()))
 
 
 def f1_max(scores: torch.Tensor, labels: torch.Tensor, name: str = "f1_max") -> tuple[float, float]:
     """Best F1 over all thresholds, and that threshold (the seed's optimistic "F1-max")."""
     if not _both_classes(labels, name):
         return float("nan"), float("nan")
-    precision, recall, thresholds = binary_precision_recall_curve(
-        scores.flatten().float(), labels.flatten().long()
-    )
+    unit, low, high = _unit_range(scores)
+    precision, recall, thresholds = binary_precision_recall_curve(unit, labels.flatten().long())
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     best = int(f1[:-1].argmax())
-    return float(f1[best]), float(thresholds[best])
+    return float(f1[best]), low + float(thresholds[best]) * (high - low)
 
 
 def aupro(
@@ -46,11 +52,11 @@ def aupro(
     if not _both_classes(masks, "aupro"):
         return float("nan")
     normal = maps[masks == 0].sort().values
-    above = (torch.linspace(0, fpr_limit, steps) * normal.numel()).round().long()
-    thresholds = torch.where(
-        above > 0, normal[(normal.numel() - above).clamp(max=normal.numel() - 1)], float("inf")
-    )
-    fpr = above.double() / normal.numel()
+    # A pixel is flagged when its score exceeds the threshold; the k-th largest normal score
+    # as threshold flags at most k normal pixels, exactly k when there are no ties.
+    fpr = torch.linspace(0, fpr_limit, steps, dtype=torch.float64)
+    above = (fpr * normal.numel()).round().long()
+    thresholds = normal[normal.numel() - 1 - above]
     overlaps = []
     for image_map, mask in zip(maps, masks, strict=True):
         if not mask.any():
@@ -59,7 +65,7 @@ def aupro(
         regions = torch.from_numpy(regions)
         for region in range(1, count + 1):
             scores = image_map[regions == region].sort().values
-            below = torch.searchsorted(scores, thresholds, right=False)
+            below = torch.searchsorted(scores, thresholds, right=True)
             overlaps.append(1 - below.double() / scores.numel())
     pro = torch.stack(overlaps).mean(0)
     return float(torch.trapezoid(pro, fpr) / fpr_limit)

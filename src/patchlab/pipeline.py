@@ -60,7 +60,13 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore]
     log.info(
         "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f bank=%d "
         "fit=%.0fs test=%.0fs",
-        cfg.category.name, metrics["image_auroc"], metrics["pixel_auroc"],
-        metrics["pixel_f1_max"], metrics["aupro"], metrics["bank_size"], fit_seconds, test_seconds,
+        cfg.category.name,
+        metrics["image_auroc"],
+        metrics["pixel_auroc"],
+        metrics["pixel_f1_max"],
+        metrics["aupro"],
+        metrics["bank_size"],
+        fit_seconds,
+        test_seconds,
     )
     return metrics, model

@@ -11,7 +11,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def random_projection(
     features: torch.Tensor, dim: int | None, generator: torch.Generator
 ) -> torch.Tensor:
-    """Johnson-Lindenstrauss projection to `dim` columns; features already that small pass through."""
+    """Johnson-Lindenstrauss projection to `dim` columns; narrower features pass through."""
     if dim is None or features.shape[1] <= dim:
         return features.float()
     matrix = torch.randn(features.shape[1], dim, generator=generator) / math.sqrt(dim)
@@ -56,7 +56,7 @@ class GreedyCoresetSampler:
             return torch.arange(count)
         projected = random_projection(features, self.projection_dim, generator)
         sq_norms = projected.square().sum(1)
-        # Measured on MKL CPUs: fp32 gemv streams fastest over a (d, N) buffer, fp16/bf16 over (N, d).
+        # Measured with MKL: fp32 gemv streams fastest over (d, N), fp16/bf16 over (N, d).
         if self.dtype == torch.float32:
             projected = projected.t().contiguous().t()
         else:

@@ -1,5 +1,6 @@
 """Intermediate feature maps of a timm model, stopping the forward at the deepest one needed."""
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -48,13 +49,15 @@ class FeatureExtractor(nn.Module):
 
         return hook
 
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """Stays in eval mode: batch-norm statistics belong to the pretrained backbone."""
+        return super().train(False)
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Maps (B, 3, H, W) images to one (B, C_i, H/s_i, W/s_i) tensor per requested layer."""
         self._outputs.clear()
-        try:
+        with contextlib.suppress(_DeepestLayerReached):
             self.model(images)
-        except _DeepestLayerReached:
-            pass
         outputs = [self._outputs[name] for name in self.layers]
         self._outputs.clear()
         return outputs

@@ -1,0 +1,73 @@
+"""Backbones: layer resolution, channel counts, and every way of getting weights."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from patchlab.backbones import LITE2_PACKAGE, create_feature_extractor
+
+
+def test_efficientnet_b5_seed_layers_have_the_seed_channels() -> None:
+    extractor = create_feature_extractor(
+        "efficientnet_b5", ["blocks.2", "blocks.4", "blocks.6"], pretrained=False
+    )
+    assert extractor.channels == [64, 176, 512] and extractor.strides == [8, 16, 32]
+    features = extractor(torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape) for f in features] == [(1, 64, 8, 8), (1, 176, 4, 4), (1, 512, 2, 2)]
+
+
+def test_unknown_layer_lists_the_valid_names() -> None:
+    with pytest.raises(ValueError, match=r"blocks\.9.*valid names: \['blocks\.0'"):
+        create_feature_extractor("tf_efficientnet_lite2", ["blocks.9"], pretrained=False)
+
+
+def test_unknown_backbone_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"Unknown backbone.name 'resnet_nope'"):
+        create_feature_extractor("resnet_nope", ["layer2"], pretrained=False)
+
+
+def test_forward_stops_after_the_deepest_requested_layer() -> None:
+    extractor = create_feature_extractor("resnet18", ["layer2"], pretrained=False)
+    ran = []
+    extractor.model.layer3.register_forward_hook(lambda *_: ran.append("layer3"))
+    extractor(torch.randn(1, 3, 64, 64))
+    assert ran == []
+
+
+def test_extractor_stays_in_eval_mode() -> None:
+    extractor = create_feature_extractor("resnet18", ["layer2"], pretrained=False)
+    extractor.train()
+    assert not extractor.model.training and not extractor.model.bn1.training
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_local_weights_file_is_loaded(tmp_path, suffix: str) -> None:
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / f"weights{suffix}"
+    if suffix == ".pth":
+        torch.save({"state_dict": reference.state_dict()}, path)
+    else:
+        save_file(reference.state_dict(), str(path))
+    extractor = create_feature_extractor("resnet18", ["layer2"], weights=str(path))
+    torch.testing.assert_close(extractor.model.conv1.weight, reference.conv1.weight)
+
+
+def test_weights_that_do_not_fit_name_the_file(tmp_path) -> None:
+    path = tmp_path / "other.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(path))
+    with pytest.raises(ValueError, match=r"other.safetensors does not fit"):
+        create_feature_extractor("resnet34", ["layer2"], weights=str(path))
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        create_feature_extractor("resnet18", ["layer2"], weights=str(tmp_path / "missing.pth"))
+
+
+def test_lite2_weights_come_from_the_pip_package(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("patchlab.backbones.CACHE_DIR", tmp_path)
+    extractor = create_feature_extractor(
+        "tf_efficientnet_lite2", ["blocks.2", "blocks.4"], weights=LITE2_PACKAGE
+    )
+    assert (tmp_path / "tf_efficientnet_lite2.safetensors").is_file()
+    random_init = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    assert not torch.equal(extractor.model.conv_stem.weight, random_init.conv_stem.weight)
+    assert extractor.channels == [48, 120]

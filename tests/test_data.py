@@ -1,0 +1,97 @@
+"""Bad data fails early and names what is wrong; odd but valid data still loads."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from synthetic import make_category
+
+from patchlab.data.datamodule import MVTecDataModule
+
+
+@pytest.fixture
+def category(tmp_path: Path) -> Path:
+    return make_category(tmp_path, "part", size=48, train=3, good=2, defects=2)
+
+
+def setup(root: Path, name: str = "part", **kwargs) -> MVTecDataModule:
+    datamodule = MVTecDataModule(str(root), name, resize=48, crop_size=32, num_workers=0, **kwargs)
+    datamodule.setup()
+    return datamodule
+
+
+def test_samples_masks_and_transforms(category: Path) -> None:
+    datamodule = setup(category.parent)
+    assert len(datamodule.train_samples) == 3 and len(datamodule.test_samples) == 6
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch["image"].shape == (6, 3, 32, 32) and batch["mask"].shape == (6, 32, 32)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1}
+    assert batch["label"].tolist() == [0, 0, 1, 1, 1, 1]
+    assert batch["mask"][:2].sum() == 0 and all(m.sum() > 0 for m in batch["mask"][2:])
+
+
+def test_grayscale_and_odd_sizes_are_converted(tmp_path: Path) -> None:
+    category = make_category(tmp_path, "gray", size=40, train=2, good=1, defects=1)
+    for path in category.glob("train/good/*.png"):
+        Image.open(path).convert("L").resize((60, 40)).save(path)
+    image = MVTecDataModule(str(tmp_path), "gray", resize=48, crop_size=32, num_workers=0)
+    image.setup()
+    assert next(iter(image.train_dataloader()))["image"].shape == (2, 3, 32, 32)
+
+
+def test_missing_root(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*mvtec_anomaly_detection"):
+        setup(tmp_path / "nowhere")
+
+
+def test_missing_category_lists_what_is_there(category: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"holds \['part'\]"):
+        setup(category.parent, "bottle")
+
+
+def test_empty_train_folder(category: Path) -> None:
+    for path in (category / "train" / "good").iterdir():
+        path.unlink()
+    with pytest.raises(ValueError, match=r"No training images.*train/good"):
+        setup(category.parent)
+
+
+def test_defect_image_without_mask(category: Path) -> None:
+    (category / "ground_truth" / "stain" / "001_mask.png").unlink()
+    with pytest.raises(ValueError, match=r"stain/001.png has no mask"):
+        setup(category.parent)
+
+
+def test_mask_without_image(category: Path) -> None:
+    (category / "test" / "scratch" / "000.png").unlink()
+    with pytest.raises(ValueError, match=r"Masks without a test image.*\['000'\]"):
+        setup(category.parent)
+
+
+def test_mask_size_differs_from_image(category: Path) -> None:
+    mask = category / "ground_truth" / "scratch" / "000_mask.png"
+    Image.open(mask).resize((20, 20)).save(mask)
+    with pytest.raises(ValueError, match=r"000_mask.png is \(20, 20\) but its image"):
+        setup(category.parent)
+
+
+def test_corrupt_image_is_named(category: Path) -> None:
+    (category / "test" / "good" / "001.png").write_bytes(b"not a png at all")
+    with pytest.raises(ValueError, match=r"Unreadable or corrupt image file .*good/001.png"):
+        setup(category.parent)
+
+
+def test_crop_larger_than_resize_is_rejected(category: Path) -> None:
+    with pytest.raises(ValueError, match="crop_size"):
+        MVTecDataModule(str(category.parent), "part", resize=32, crop_size=48)
+
+
+def test_good_only_test_set_loads(category: Path) -> None:
+    for defect_type in ("scratch", "stain"):
+        shutil.rmtree(category / "test" / defect_type)
+        shutil.rmtree(category / "ground_truth" / defect_type)
+    datamodule = setup(category.parent)
+    assert all(s.label == 0 for s in datamodule.test_samples)
+    assert torch.is_tensor(next(iter(datamodule.test_dataloader()))["image"])

@@ -1,0 +1,141 @@
+"""The composed pipeline end to end on synthetic data, and its early, clear failures."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, TEST_OVERRIDES, compose_config
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from synthetic import MVTEC_CATEGORIES, make_category
+
+from patchlab.pipeline import run
+
+METRIC_KEYS = {
+    "image_auroc",
+    "pixel_auroc",
+    "pixel_f1_max",
+    "image_f1_max",
+    "aupro",
+    "fit_seconds",
+    "test_seconds",
+    "bank_size",
+}
+
+
+def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
+    metrics, model = run(cfg, tmp_path)
+    written = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(written) >= METRIC_KEYS and written == pytest.approx(metrics, nan_ok=True)
+    assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["image_auroc"] > 0.6
+    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25) == model.memory_bank.shape[0]
+    assert model.outputs.maps.shape == (9, 64, 64)
+
+
+def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> None:
+    config = compose_config([f"data.root={synthetic_root}", "category.name=my_part"])
+    metrics, _ = run(config, tmp_path)
+    assert not math.isnan(metrics["image_auroc"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.coreset_ratio=0", "coreset_ratio must be in"),
+        ("model.coreset_ratio=1.5", "coreset_ratio must be in"),
+        ("model.num_neighbors=500", "num_neighbors=500 is larger than the memory bank"),
+        ("backbone.layers=[layer9]", "Unknown feature layer"),
+        ("backbone.name=not_a_model", "Unknown backbone.name"),
+        ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),
+    ],
+)
+def test_bad_config_fails_before_fitting(synthetic_root, tmp_path, override, message) -> None:
+    config = compose_config([f"data.root={synthetic_root}", override])
+    with pytest.raises(Exception, match=message):
+        run(config, tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_good_only_test_set_reports_nan_auroc(tmp_path: Path) -> None:
+    category = make_category(tmp_path / "data", "goods", train=6, good=3, defects=1)
+    for defect_type in ("scratch", "stain"):
+        shutil.rmtree(category / "test" / defect_type)
+    config = compose_config([f"data.root={tmp_path / 'data'}", "category.name=goods"])
+    with pytest.warns(UserWarning, match="only one class"):
+        metrics, _ = run(config, tmp_path / "out")
+    assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["pixel_auroc"])
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "conf").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}"
+)
+def test_every_config_file_instantiates(path: Path, synthetic_root: Path) -> None:
+    node = OmegaConf.load(path)
+    if "_target_" not in node:
+        return
+    group = path.parent.name
+    config = compose_config([f"data.root={synthetic_root}", f"{group}={path.stem}"])
+    if group == "backbone":
+        config.backbone.pretrained = False
+        config.backbone.weights = None
+    obj = instantiate(config[group], **({"backbone": None} if group == "model" else {}))
+    assert obj is not None
+
+
+def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        *TEST_OVERRIDES,
+        f"data.root={root}",
+        f"hydra.run.dir={tmp_path}/run",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+
+
+@pytest.mark.slow
+def test_train_py_returns_and_writes(synthetic_root: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        train_command(synthetic_root, tmp_path), capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "bottle: image_auroc=" in result.stderr + result.stdout
+    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) >= METRIC_KEYS
+
+
+@pytest.mark.slow
+def test_multirun_sweeps_all_fifteen_categories(tmp_path: Path) -> None:
+    root = tmp_path / "mvtec"
+    for seed, name in enumerate(MVTEC_CATEGORIES):
+        make_category(root, name, size=32, train=4, good=1, defects=1, seed=seed)
+    command = [
+        *train_command(root, tmp_path, "-m", "category=glob(*)"),
+        "data.resize=32",
+        "data.crop_size=32",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(p.parent.name for p in (tmp_path / "multirun").glob("*/metrics.json"))
+    assert written == sorted(MVTEC_CATEGORIES)
+
+
+@pytest.mark.real_data
+def test_real_bottle_with_efficientnet_lite2(real_data_root: Path, tmp_path: Path) -> None:
+    config = compose_config(
+        [
+            f"data.root={real_data_root}",
+            "backbone=efficientnet_lite2",
+            "data.resize=256",
+            "data.crop_size=224",
+            "data.batch_size=32",
+            "model.coreset_ratio=0.01",
+            "model.num_neighbors=9",
+        ]
+    )
+    metrics, _ = run(config, tmp_path)
+    assert metrics["image_auroc"] >= 0.99 and metrics["pixel_auroc"] >= 0.97, metrics
