@@ -4,15 +4,32 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from patchlab.pipeline import run
+from patchlab.sweep import record_failure
+from patchlab.tracking import tracked_run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """Returns `optimized_metric` so a Hydra sweeper can optimise it."""
-    metrics, _ = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    """Returns `optimized_metric` so a Hydra sweeper can optimise it.
+
+    In a multirun a failing category is recorded (MLflow run FAILED, failed.json) and the
+    sweep goes on; its summary names the failure.
+    """
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    try:
+        with tracked_run(cfg, output_dir, sweep):
+            metrics, _, _ = run(cfg, output_dir)
+    except Exception as error:
+        if sweep is None:
+            raise
+        record_failure(output_dir, error)
+        return float("nan")
     return metrics[cfg.optimized_metric]
 
 

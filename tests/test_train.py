@@ -28,7 +28,7 @@ METRIC_KEYS = {
 
 
 def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
-    metrics, model = run(cfg, tmp_path)
+    metrics, model, _ = run(cfg, tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) >= METRIC_KEYS and written == pytest.approx(metrics, nan_ok=True)
     assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["image_auroc"] > 0.6
@@ -38,7 +38,7 @@ def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
 
 def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> None:
     config = compose_config([f"data.root={synthetic_root}", "category.name=my_part"])
-    metrics, _ = run(config, tmp_path)
+    metrics, _, _ = run(config, tmp_path)
     assert not math.isnan(metrics["image_auroc"])
 
 
@@ -66,7 +66,7 @@ def test_good_only_test_set_reports_nan_auroc(tmp_path: Path) -> None:
         shutil.rmtree(category / "test" / defect_type)
     config = compose_config([f"data.root={tmp_path / 'data'}", "category.name=goods"])
     with pytest.warns(UserWarning, match="only one class"):
-        metrics, _ = run(config, tmp_path / "out")
+        metrics, _, _ = run(config, tmp_path / "out")
     assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["pixel_auroc"])
 
 
@@ -137,5 +137,5 @@ def test_real_bottle_with_efficientnet_lite2(real_data_root: Path, tmp_path: Pat
             "model.num_neighbors=9",
         ]
     )
-    metrics, _ = run(config, tmp_path)
+    metrics, _, _ = run(config, tmp_path)
     assert metrics["image_auroc"] >= 0.99 and metrics["pixel_auroc"] >= 0.97, metrics

@@ -1,19 +1,25 @@
-"""One category, end to end: check data, build the bank, test, write metrics.json."""
+"""One category, end to end: check data, build the bank, test, write and log the results."""
 
 import json
 import logging
+import resource
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from patchlab.artifacts import write_scores_csv
+from patchlab.bank_io import save_bank
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
+from patchlab.tracking import log_metrics
+from patchlab.visualize import write_heatmaps
 
 log = logging.getLogger(__name__)
+BANK_FILE = "memory_bank.safetensors"
 
 
 def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
@@ -40,23 +46,33 @@ def build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
     return datamodule, model, instantiate(cfg.trainer)
 
 
-def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore]:
-    """Fits and tests one category; returns its metrics and the fitted model."""
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, MVTecDataModule]:
+    """Fits and tests one category; the bank is saved before testing so a failure keeps it."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model, trainer = build(cfg)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
+    log_metrics({"fit_seconds": fit_seconds, "bank_size": model.memory_bank.shape[0]})
+    save_bank(model, cfg, output_dir / BANK_FILE)
     trainer.test(model, datamodule=datamodule, verbose=False)
-    test_seconds = time.perf_counter() - start - fit_seconds
     out = model.outputs
-    metrics = evaluate(out.image_scores, out.labels, out.maps, out.masks)
-    metrics |= {
+    metrics = evaluate(out.image_scores, out.labels, out.maps, out.masks) | {
         "fit_seconds": fit_seconds,
-        "test_seconds": test_seconds,
+        "test_seconds": time.perf_counter() - start - fit_seconds,
         "bank_size": float(model.memory_bank.shape[0]),
+        "peak_rss_mb": peak_rss_mb(),
     }
-    output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log_metrics(metrics)
+    write_scores_csv(out, datamodule, output_dir / "scores.csv")
+    write_heatmaps(out, datamodule, output_dir / "heatmaps", cfg.num_heatmaps)
     log.info(
         "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f bank=%d "
         "fit=%.0fs test=%.0fs",
@@ -67,6 +83,6 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore]
         metrics["aupro"],
         metrics["bank_size"],
         fit_seconds,
-        test_seconds,
+        metrics["test_seconds"],
     )
-    return metrics, model
+    return metrics, model, datamodule

@@ -1,0 +1,30 @@
+"""Files a run leaves in its output dir: bank, per-image scores, heatmap figures."""
+
+import csv
+from pathlib import Path
+
+import torch
+
+from patchlab.data.datamodule import MVTecDataModule
+from patchlab.lightning_module import TestOutputs
+
+
+def write_scores_csv(outputs: TestOutputs, datamodule: MVTecDataModule, path: Path) -> None:
+    """One row per test image: where it is, what it is, and how anomalous the model found it."""
+    with path.open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["path", "defect_type", "label", "image_score"])
+        for sample, score in zip(datamodule.test_samples, outputs.image_scores, strict=True):
+            writer.writerow([str(sample.image), sample.defect_type, sample.label, float(score)])
+
+
+def showcase_order(outputs: TestOutputs) -> list[int]:
+    """Failure cases first: lowest-scored defects and highest-scored goods, alternating."""
+    scores, labels = outputs.image_scores, outputs.labels
+    defects = [int(i) for i in torch.argsort(scores) if labels[i] == 1]
+    goods = [int(i) for i in torch.argsort(scores, descending=True) if labels[i] == 0]
+    order = []
+    for pair in zip(defects, goods, strict=False):
+        order += pair
+    longer = defects if len(defects) > len(goods) else goods
+    return order + longer[min(len(defects), len(goods)) :]

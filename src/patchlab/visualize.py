@@ -1,0 +1,75 @@
+"""Per-image heatmap figures, drawn headless with matplotlib's object API (no pyplot state)."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from patchlab.artifacts import showcase_order
+from patchlab.data.datamodule import MVTecDataModule
+from patchlab.data.mvtec import read_image
+from patchlab.lightning_module import TestOutputs
+
+
+def heatmap_figure(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    mask: np.ndarray,
+    title: str,
+    scale: tuple[float, float],
+    predicted: np.ndarray | None = None,
+) -> Figure:
+    """input | anomaly map with colour bar | overlay with ground-truth (and predicted) contours."""
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    axes = figure.subplots(1, 3)
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    shown = axes[1].imshow(anomaly_map, cmap="inferno", vmin=scale[0], vmax=scale[1])
+    axes[1].set_title("anomaly map")
+    figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
+    axes[2].imshow(image)
+    axes[2].imshow(anomaly_map, cmap="inferno", vmin=scale[0], vmax=scale[1], alpha=0.5)
+    if mask.any():
+        axes[2].contour(mask, levels=[0.5], colors="lime", linewidths=1.5)
+    if predicted is not None and predicted.any():
+        axes[2].contour(predicted, levels=[0.5], colors="cyan", linewidths=1.2, linestyles="--")
+    axes[2].set_title("overlay: truth (green), predicted (cyan)")
+    for axis in axes:
+        axis.set_axis_off()
+    figure.suptitle(title)
+    return figure
+
+
+def write_heatmaps(
+    outputs: TestOutputs,
+    datamodule: MVTecDataModule,
+    folder: Path,
+    count: int | None,
+    image_threshold: float | None = None,
+    predicted_masks: torch.Tensor | None = None,
+) -> list[Path]:
+    """Writes `count` figures (all when None), failure cases first, on one colour scale."""
+    folder.mkdir(parents=True, exist_ok=True)
+    scale = (float(outputs.maps.min()), float(outputs.maps.max()))
+    paths = []
+    for rank, index in enumerate(showcase_order(outputs)[:count]):
+        sample = datamodule.test_samples[index]
+        image = datamodule.transform.display(read_image(sample.image)).permute(1, 2, 0).numpy()
+        score = float(outputs.image_scores[index])
+        title = f"{sample.defect_type}/{sample.image.name}  label={sample.label}  score={score:.3f}"
+        if image_threshold is not None:
+            title += f"  -> {'DEFECT' if score >= image_threshold else 'good'}"
+        predicted = None if predicted_masks is None else predicted_masks[index].numpy()
+        figure = heatmap_figure(
+            image,
+            outputs.maps[index].numpy(),
+            outputs.masks[index].numpy(),
+            title,
+            scale,
+            predicted,
+        )
+        path = folder / f"{rank:03d}_{sample.defect_type}_{sample.image.stem}.png"
+        figure.savefig(path, dpi=80)
+        paths.append(path)
+    return paths
