@@ -44,6 +44,8 @@ class PatchCore(pl.LightningModule):
         feature_dtype: Storage of training patches before coreset selection.
         seed: Seeds the projection and the coreset's first pick.
         chunk_size: Test patches per nearest-neighbour block; bounds memory.
+        forward_chunk: Images per backbone forward. Bounds activation memory (a 32-image
+            forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not change.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class PatchCore(pl.LightningModule):
         feature_dtype: str = "float32",
         seed: int = 0,
         chunk_size: int = 4096,
+        forward_chunk: int = 8,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
@@ -70,6 +73,7 @@ class PatchCore(pl.LightningModule):
         self.blur_sigma = blur_sigma
         self.feature_dtype = _FEATURE_DTYPES[feature_dtype]
         self.seed = seed
+        self.forward_chunk = forward_chunk
         self.register_buffer("memory_bank", torch.empty(0, 0))
         self._features = torch.empty(0, 0)
         self._filled = 0
@@ -82,8 +86,13 @@ class PatchCore(pl.LightningModule):
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, D, h, w) locally aggregated patch embeddings."""
-        features = self.backbone(images.contiguous(memory_format=torch.channels_last))
-        return aggregate_patches(features, self.patch_size, self.embedding_dim)
+        chunks = images.contiguous(memory_format=torch.channels_last).split(self.forward_chunk)
+        return torch.cat(
+            [
+                aggregate_patches(self.backbone(chunk), self.patch_size, self.embedding_dim)
+                for chunk in chunks
+            ]
+        )
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         patches = flatten_patches(self.embed(batch["image"]))

@@ -1,0 +1,196 @@
+"""Where the time and memory of a PatchCore run go, stage by stage, on this machine.
+
+    python benchmarks/bench_bottle.py                      # bottle, efficientnet_lite2, seed recipe
+    python benchmarks/bench_bottle.py --scaling            # coreset and scoring vs bank size
+    python benchmarks/bench_bottle.py model.coreset_dtype=float16   # any Hydra override
+
+Prints numbers; it asserts nothing. The end-to-end figures come from the same `pipeline.run`
+that train.py uses; the per-stage split re-runs each stage on its own.
+"""
+
+import argparse
+import math
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from patchlab.core.coreset import GreedyCoresetSampler
+from patchlab.core.patches import aggregate_patches, flatten_patches
+from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
+from patchlab.metrics import evaluate
+from patchlab.pipeline import build, peak_rss_mb, run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = [
+    "category=bottle",
+    "backbone=efficientnet_lite2",
+    "tracking=none",
+    f"data.root={ROOT.parent / 'shared' / 'data' / 'mvtec_ad'}",
+    "+trainer.enable_progress_bar=false",
+]
+
+
+class Stopwatch:
+    """Accumulates wall time per named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def time(self, stage: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.seconds[stage] += time.perf_counter() - start
+        return result
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":")[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def stages(overrides: list[str]) -> None:
+    """Each stage timed on its own, in the order a run does them."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=DEFAULTS + overrides)
+    datamodule, model, _ = build(cfg)
+    watch = Stopwatch()
+    embeddings = {}
+    for split, loader in (
+        ("train", datamodule.train_dataloader()),
+        ("test", datamodule.test_dataloader()),
+    ):
+        batches, iterator = [], iter(loader)
+        while (
+            batch := watch.time(f"{split}: decode+preprocess (wait)", next, iterator, None)
+        ) is not None:
+            with torch.inference_mode():
+                images = batch["image"].contiguous(memory_format=torch.channels_last)
+                features = watch.time(f"{split}: backbone forward", model.backbone, images)
+                embedding = watch.time(f"{split}: patch aggregation", aggregate_patches, features)
+            batches.append((embedding, batch))
+        embeddings[split] = batches
+    train = torch.cat([flatten_patches(e).reshape(-1, e.shape[1]) for e, _ in embeddings["train"]])
+    index = watch.time(
+        "train: coreset selection", model.sampler.select, train, torch.Generator().manual_seed(0)
+    )
+    bank = train[index]
+    del train
+    watch.time("train: bank indexing", model.scorer.fit, bank)
+    scores, maps, labels, masks = [], [], [], []
+    for embedding, batch in embeddings["test"]:
+        patch_scores, image_scores = watch.time(
+            "test: scoring", model.scorer.score, flatten_patches(embedding)
+        )
+        grid = patch_scores.reshape(len(embedding), *embedding.shape[-2:])
+        maps.append(
+            watch.time(
+                "test: map upsampling+blur",
+                anomaly_maps,
+                grid,
+                (cfg.data.crop_size,) * 2,
+                cfg.model.blur_sigma,
+            )
+        )
+        scores.append(image_scores)
+        labels.append(batch["label"])
+        masks.append(batch["mask"])
+    watch.time(
+        "test: metrics",
+        evaluate,
+        torch.cat(scores),
+        torch.cat(labels),
+        torch.cat(maps),
+        torch.cat(masks),
+    )
+    forward = watch.seconds["test: backbone forward"]
+    overhead = sum(
+        v
+        for k, v in watch.seconds.items()
+        if k.startswith("test:") and "forward" not in k and "decode" not in k
+    )
+    print("\nper stage (s):")
+    for stage, seconds in watch.seconds.items():
+        print(f"  {stage:38s} {seconds:8.2f}")
+    print(f"  test overhead (aggregation+scoring+maps+metrics) / forward: {overhead / forward:.0%}")
+    print(f"  bank: {tuple(bank.shape)}")
+
+
+def end_to_end(overrides: list[str], output: Path) -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=DEFAULTS + overrides)
+    metrics, _, datamodule = run(cfg, output)
+    images = len(datamodule.test_samples)
+    print("\nend to end (pipeline.run, as train.py):")
+    for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro", "bank_size"):
+        print(f"  {key:14s} {metrics[key]:.4f}")
+    print(
+        f"  fit {metrics['fit_seconds']:.1f} s, test {metrics['test_seconds']:.1f} s, "
+        f"total {metrics['fit_seconds'] + metrics['test_seconds']:.1f} s, "
+        f"{images / metrics['test_seconds']:.1f} test images/s, peak RSS {peak_rss_mb():.0f} MB"
+    )
+
+
+def growth(sizes: list[int], seconds: list[float]) -> float:
+    """Least-squares slope of log(seconds) on log(size)."""
+    xs, ys = [math.log(s) for s in sizes], [math.log(t) for t in seconds]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+
+
+def scaling(dim: int, steps: int, queries: int) -> None:
+    """Coreset seconds per selected point and scoring seconds, against bank size N."""
+    sizes = [50_000, 100_000, 200_000, 400_000, 800_000]
+    per_step, scoring = [], []
+    print(
+        f"\nscaling on synthetic features, D={dim}: coreset ({steps} steps), scoring ({queries} patches)"
+    )
+    for size in sizes:
+        features = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
+        sampler = GreedyCoresetSampler(steps / size, progress=False)
+        start = time.perf_counter()
+        sampler.select(features, torch.Generator().manual_seed(0))
+        per_step.append((time.perf_counter() - start) / steps)
+        scorer = NearestNeighbourScorer(9)
+        scorer.fit(features)
+        start = time.perf_counter()
+        scorer.score(torch.randn(1, queries, dim))
+        scoring.append(time.perf_counter() - start)
+        print(
+            f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step   scoring {scoring[-1]:7.2f} s"
+        )
+    print(
+        f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, scoring {growth(sizes, scoring):.2f} (1.0 = linear)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--scaling", action="store_true", help="synthetic scaling mode")
+    parser.add_argument("--output", type=Path, default=Path("/tmp/patchlab-bench"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides")
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    if args.scaling:
+        scaling(dim=168, steps=200, queries=8192)
+        return
+    end_to_end(args.overrides, args.output)
+    stages(args.overrides)
+
+
+if __name__ == "__main__":
+    main()
