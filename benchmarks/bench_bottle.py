@@ -155,7 +155,8 @@ def scaling(dim: int, steps: int, queries: int) -> None:
     sizes = [50_000, 100_000, 200_000, 400_000, 800_000]
     per_step, scoring = [], []
     print(
-        f"\nscaling on synthetic features, D={dim}: coreset ({steps} steps), scoring ({queries} patches)"
+        f"\nscaling on synthetic features, D={dim}: "
+        f"coreset ({steps} steps), scoring ({queries} patches)"
     )
     for size in sizes:
         features = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
@@ -169,10 +170,12 @@ def scaling(dim: int, steps: int, queries: int) -> None:
         scorer.score(torch.randn(1, queries, dim))
         scoring.append(time.perf_counter() - start)
         print(
-            f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step   scoring {scoring[-1]:7.2f} s"
+            f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step"
+            f"   scoring {scoring[-1]:7.2f} s"
         )
     print(
-        f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, scoring {growth(sizes, scoring):.2f} (1.0 = linear)"
+        f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, "
+        f"scoring {growth(sizes, scoring):.2f} (1.0 = linear)"
     )
 
 

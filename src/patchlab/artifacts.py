@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.lightning_module import TestOutputs
@@ -28,3 +29,15 @@ def showcase_order(outputs: TestOutputs) -> list[int]:
         order += pair
     longer = defects if len(defects) > len(goods) else goods
     return order + longer[min(len(defects), len(goods)) :]
+
+
+def save_outputs(outputs: TestOutputs, path: Path) -> None:
+    """Caches the test pass so thresholds can be re-tuned and figures redrawn without the model."""
+    tensors = {
+        name: getattr(outputs, name).contiguous() for name in TestOutputs.__dataclass_fields__
+    }
+    save_file(tensors, str(path))
+
+
+def load_outputs(path: Path) -> TestOutputs:
+    return TestOutputs(**load_file(str(path)))

@@ -27,6 +27,7 @@ class TestOutputs:
     labels: torch.Tensor  # (N,)
     maps: torch.Tensor  # (N, H, W) anomaly maps at crop resolution
     masks: torch.Tensor  # (N, H, W) uint8 ground truth
+    patch_scores: torch.Tensor  # (N, h, w) before upsampling and blur: what tuning re-blurs
 
 
 class PatchCore(pl.LightningModule):
@@ -123,17 +124,17 @@ class PatchCore(pl.LightningModule):
             raise RuntimeError("The memory bank is empty: fit the model or load a bank first")
         self._test_batches = []
 
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) images -> (B,) image scores and (B, H, W) anomaly maps."""
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images -> (B,) image scores, (B, H, W) maps, (B, h, w) patch scores."""
         embedding = self.embed(images)
         batch, _, height, width = embedding.shape
         patch_scores, image_scores = self.scorer.score(flatten_patches(embedding))
         grid = patch_scores.reshape(batch, height, width)
-        return image_scores, anomaly_maps(grid, tuple(images.shape[-2:]), self.blur_sigma)
+        return image_scores, anomaly_maps(grid, tuple(images.shape[-2:]), self.blur_sigma), grid
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        image_scores, maps = self.predict(batch["image"])
-        self._test_batches.append((image_scores, batch["label"], maps, batch["mask"]))
+        image_scores, maps, grid = self.predict(batch["image"])
+        self._test_batches.append((image_scores, batch["label"], maps, batch["mask"], grid))
 
     def on_test_epoch_end(self) -> None:
         columns = [torch.cat(parts).cpu() for parts in zip(*self._test_batches, strict=True)]

@@ -10,16 +10,18 @@ import pytorch_lightning as pl
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts import write_scores_csv
+from patchlab.artifacts import save_outputs, write_scores_csv
 from patchlab.bank_io import save_bank
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
 from patchlab.tracking import log_metrics
+from patchlab.tuning.study import tune_and_log
 from patchlab.visualize import write_heatmaps
 
 log = logging.getLogger(__name__)
 BANK_FILE = "memory_bank.safetensors"
+OUTPUTS_FILE = "test_outputs.safetensors"
 
 
 def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
@@ -63,24 +65,32 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     save_bank(model, cfg, output_dir / BANK_FILE)
     trainer.test(model, datamodule=datamodule, verbose=False)
     out = model.outputs
+    save_outputs(out, output_dir / OUTPUTS_FILE)
     metrics = evaluate(out.image_scores, out.labels, out.maps, out.masks) | {
         "fit_seconds": fit_seconds,
         "test_seconds": time.perf_counter() - start - fit_seconds,
         "bank_size": float(model.memory_bank.shape[0]),
         "peak_rss_mb": peak_rss_mb(),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log_metrics(metrics)
+    decisions = None
+    if cfg.threshold.enabled:
+        defect_types = [sample.defect_type for sample in datamodule.test_samples]
+        decisions = tune_and_log(cfg, out, defect_types, output_dir)
+        metrics |= decisions.metrics
+        save_bank(model, cfg, output_dir / BANK_FILE, decisions.travelling())
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_scores_csv(out, datamodule, output_dir / "scores.csv")
-    write_heatmaps(out, datamodule, output_dir / "heatmaps", cfg.num_heatmaps)
+    write_heatmaps(out, datamodule, output_dir / "heatmaps", cfg.num_heatmaps, decisions)
     log.info(
-        "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f bank=%d "
+        "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f%s bank=%d "
         "fit=%.0fs test=%.0fs",
         cfg.category.name,
         metrics["image_auroc"],
         metrics["pixel_auroc"],
         metrics["pixel_f1_max"],
         metrics["aupro"],
+        f" pixel_f1(tuned, held-out)={metrics['pixel_f1']:.4f}" if decisions else "",
         metrics["bank_size"],
         fit_seconds,
         metrics["test_seconds"],

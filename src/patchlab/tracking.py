@@ -127,3 +127,9 @@ def log_metrics(metrics: dict[str, float]) -> None:
     """Logs to the active run, if any."""
     if mlflow.active_run() is not None:
         mlflow.log_metrics(metrics)
+
+
+def log_params(params: dict[str, object]) -> None:
+    """Logs to the active run, if any."""
+    if mlflow.active_run() is not None:
+        mlflow.log_params(params)

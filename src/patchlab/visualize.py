@@ -1,15 +1,18 @@
 """Per-image heatmap figures, drawn headless with matplotlib's object API (no pyplot state)."""
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 
 from patchlab.artifacts import showcase_order
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.data.mvtec import read_image
 from patchlab.lightning_module import TestOutputs
+
+if TYPE_CHECKING:
+    from patchlab.tuning.study import Tuning
 
 
 def heatmap_figure(
@@ -46,11 +49,15 @@ def write_heatmaps(
     datamodule: MVTecDataModule,
     folder: Path,
     count: int | None,
-    image_threshold: float | None = None,
-    predicted_masks: torch.Tensor | None = None,
+    decisions: "Tuning | None" = None,
 ) -> list[Path]:
-    """Writes `count` figures (all when None), failure cases first, on one colour scale."""
+    """Writes `count` figures (all when None), failure cases first, on one colour scale.
+
+    With tuned `decisions`, titles carry the image decision and overlays the predicted mask.
+    """
     folder.mkdir(parents=True, exist_ok=True)
+    image_threshold = decisions.image_threshold if decisions else None
+    predicted_masks = decisions.masks(outputs) if decisions else None
     scale = (float(outputs.maps.min()), float(outputs.maps.max()))
     paths = []
     for rank, index in enumerate(showcase_order(outputs)[:count]):

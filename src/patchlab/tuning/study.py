@@ -1,0 +1,200 @@
+"""Optuna tunes blur, threshold and morphology on the validation part; the held-out part scores it.
+
+Anomaly maps are never recomputed from images: trials start from the cached patch-score grids,
+so a trial costs only the post-processing.
+"""
+
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from patchlab.core.scoring import anomaly_maps
+from patchlab.lightning_module import TestOutputs
+from patchlab.metrics import f1_max
+from patchlab.tracking import log_metrics, log_params
+from patchlab.tuning.postprocess import PostProcessing, binarize, pixel_scores
+from patchlab.tuning.split import stratified_split
+
+
+@dataclass
+class Tuning:
+    """What tuning found on validation data and what it scored on the held-out part."""
+
+    post: PostProcessing
+    image_threshold: float
+    metrics: dict[str, float]
+    study: optuna.Study
+
+    def travelling(self) -> dict:
+        """What scoring new images needs, stored in the bank file's metadata."""
+        return {"post_processing": self.post.as_dict(), "image_threshold": self.image_threshold}
+
+    def masks(self, outputs: TestOutputs) -> torch.Tensor:
+        """(N, H, W) predicted defect masks for every test image."""
+        maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), self.post.sigma)
+        return binarize(maps, self.post)
+
+
+def _subset(outputs: TestOutputs, index: torch.Tensor) -> TestOutputs:
+    return TestOutputs(
+        **{name: getattr(outputs, name)[index] for name in TestOutputs.__dataclass_fields__}
+    )
+
+
+def normalised_post(outputs: TestOutputs, sigma: float, **params: float) -> PostProcessing:
+    """Post-processing whose 0..1 scale spans these (validation) maps at `sigma`."""
+    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
+    return PostProcessing(sigma=sigma, low=float(maps.min()), high=float(maps.max()), **params)
+
+
+def validation_f1(outputs: TestOutputs, post: PostProcessing) -> float:
+    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), post.sigma)
+    return pixel_scores(binarize(maps, post), outputs.masks)["pixel_f1"]
+
+
+def threshold_only(outputs: TestOutputs, sigma: float) -> tuple[PostProcessing, float]:
+    """The exact F1-optimal threshold from the validation precision-recall curve."""
+    post = normalised_post(outputs, sigma, threshold=0.0)
+    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
+    f1, raw = f1_max(maps, outputs.masks)
+    threshold = (raw - post.low) / max(post.high - post.low, 1e-12)
+    return PostProcessing(**{**post.as_dict(), "threshold": threshold}), f1
+
+
+def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, float]:
+    """One value per search-space entry; integer bounds in the YAML make an integer knob."""
+    params = {}
+    for name, bounds in space.items():
+        integer = isinstance(bounds.low, int) and isinstance(bounds.high, int)
+        draw = trial.suggest_int if integer else trial.suggest_float
+        params[name] = draw(name, bounds.low, bounds.high)
+    return params
+
+
+def _objective(validation: TestOutputs, space: DictConfig):
+    def objective(trial: optuna.Trial) -> float:
+        return validation_f1(validation, normalised_post(validation, **suggest(trial, space)))
+
+    return objective
+
+
+def tune(
+    validation: TestOutputs, config: DictConfig, baseline_sigma: float, storage: str, name: str
+) -> tuple[optuna.Study, PostProcessing, float]:
+    """Runs the study on validation data only; returns it, the best post-processing and the
+    threshold-only baseline F1 (which the study is seeded with, so it can only match or beat it)."""
+    space = OmegaConf.load(config.search_space)
+    baseline, baseline_f1 = threshold_only(validation, baseline_sigma)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+    )
+    study.enqueue_trial(
+        {
+            "sigma": baseline.sigma,
+            "threshold": baseline.threshold,
+            "open_radius": 0,
+            "close_radius": 0,
+            "min_area": 0,
+        }
+    )
+    study.optimize(_objective(validation, space), n_trials=config.n_trials, show_progress_bar=True)
+    best = normalised_post(validation, **study.best_params)
+    return study, best, baseline_f1
+
+
+def run_tuning(
+    outputs: TestOutputs,
+    defect_types: list[str],
+    config: DictConfig,
+    baseline_sigma: float,
+    storage: str,
+    name: str,
+) -> Tuning:
+    """Splits, tunes on the validation part, and reports honest figures on the held-out part."""
+    val_index, test_index = stratified_split(defect_types, config.val_fraction, config.seed)
+    validation, held_out = _subset(outputs, val_index), _subset(outputs, test_index)
+    study, post, baseline_f1 = tune(validation, config, baseline_sigma, storage, name)
+    _, image_threshold = f1_max(validation.image_scores, validation.labels)
+    maps = anomaly_maps(held_out.patch_scores, tuple(held_out.masks.shape[-2:]), post.sigma)
+    metrics = pixel_scores(binarize(maps, post), held_out.masks)
+    decisions = pixel_scores(held_out.image_scores >= image_threshold, held_out.labels)
+    metrics |= {
+        "image_f1": decisions["pixel_f1"],
+        "val_pixel_f1_tuned": study.best_value,
+        "val_pixel_f1_threshold_only": baseline_f1,
+        "val_images": float(len(val_index)),
+        "held_out_images": float(len(test_index)),
+    }
+    return Tuning(post, image_threshold, metrics, study)
+
+
+def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's optimisation history and parameter importances as PNGs."""
+    from matplotlib import pyplot
+    from optuna.visualization import matplotlib as plots
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        for name, plot in (
+            ("optuna_history.png", plots.plot_optimization_history),
+            ("optuna_importances.png", plots.plot_param_importances),
+        ):
+            axis = plot(study)
+            axis.figure.savefig(folder / name, dpi=90, bbox_inches="tight")
+            pyplot.close(axis.figure)
+            paths.append(folder / name)
+    return paths
+
+
+def tune_and_log(
+    cfg: DictConfig,
+    outputs: TestOutputs,
+    defect_types: list[str],
+    output_dir: Path,
+    param_prefix: str = "tuned",
+) -> Tuning:
+    """Tunes, writes tuning.json and the study plots, and logs both to the active MLflow run.
+
+    MLflow params cannot change once logged, so a re-tune logs under its own `param_prefix`.
+    """
+    storage = str(cfg.threshold.storage)
+    if storage.startswith("sqlite:///"):
+        Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    if not Path(cfg.threshold.search_space).is_file():
+        raise FileNotFoundError(
+            f"threshold.search_space: no such file {cfg.threshold.search_space}"
+        )
+    tuning = run_tuning(
+        outputs,
+        defect_types,
+        cfg.threshold,
+        cfg.model.blur_sigma,
+        storage,
+        name=f"{cfg.category.name}:{output_dir.resolve()}",
+    )
+    summary = {
+        **tuning.travelling(),
+        "metrics": tuning.metrics,
+        "study": tuning.study.study_name,
+        "storage": storage,
+    }
+    (output_dir / "tuning.json").write_text(json.dumps(summary, indent=2))
+    save_plots(tuning.study, output_dir / "tuning")
+    log_params(
+        {f"{param_prefix}.{k}": v for k, v in tuning.post.as_dict().items()}
+        | {f"{param_prefix}.image_threshold": tuning.image_threshold}
+    )
+    log_metrics(tuning.metrics)
+    return tuning

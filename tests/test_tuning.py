@@ -1,0 +1,159 @@
+"""Validation split, post-processing and the Optuna study: honest, recoverable, leak-free."""
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import compose_config
+from omegaconf import OmegaConf
+
+from patchlab.bank_io import read_bank
+from patchlab.lightning_module import TestOutputs
+from patchlab.pipeline import BANK_FILE, run
+from patchlab.tuning.postprocess import PostProcessing, binarize
+from patchlab.tuning.split import stratified_split
+from patchlab.tuning.study import run_tuning
+
+TYPES = ["good"] * 10 + ["crack"] * 6 + ["hole"] * 5 + ["scratch"] * 2
+
+
+def test_split_is_stratified_disjoint_and_seeded() -> None:
+    validation, held_out = stratified_split(TYPES, 0.5, seed=3)
+    assert set(validation.tolist()).isdisjoint(held_out.tolist())
+    assert sorted(validation.tolist() + held_out.tolist()) == list(range(len(TYPES)))
+    val_types = Counter(TYPES[i] for i in validation)
+    test_types = Counter(TYPES[i] for i in held_out)
+    assert val_types["good"] == 5 and val_types["crack"] == 3 and val_types["scratch"] == 1
+    assert set(val_types) == set(test_types) == set(TYPES)
+    again, _ = stratified_split(TYPES, 0.5, seed=3)
+    other, _ = stratified_split(TYPES, 0.5, seed=4)
+    assert again.tolist() == validation.tolist() and other.tolist() != validation.tolist()
+
+
+def synthetic_outputs(speckle: bool, seed: int = 0) -> TestOutputs:
+    """Scores on a full-resolution grid: defects in [0.6, 1], background in [0, 0.4].
+
+    With `speckle`, single background pixels jump to defect level: noise only opening removes.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    count, size = len(TYPES), 32
+    masks = torch.zeros(count, size, size, dtype=torch.uint8)
+    for i, defect_type in enumerate(TYPES):
+        if defect_type != "good":
+            y, x = torch.randint(2, 20, (2,), generator=generator).tolist()
+            masks[i, y : y + 8, x : x + 8] = 1
+    scores = torch.rand(count, size, size, generator=generator) * 0.4
+    scores = torch.where(
+        masks.bool(), 0.6 + 0.4 * torch.rand(scores.shape, generator=generator), scores
+    )
+    if speckle:
+        spots = torch.rand(scores.shape, generator=generator) < 0.01
+        scores = torch.where(spots & ~masks.bool(), torch.ones_like(scores), scores)
+    labels = (masks.flatten(1).amax(1) > 0).long()
+    return TestOutputs(
+        labels.float() + 0.1 * torch.rand(count, generator=generator),
+        labels,
+        scores,
+        masks,
+        scores.clone(),
+    )
+
+
+def tuning_config(tmp_path: Path, **space: dict) -> OmegaConf:
+    bounds = {
+        "threshold": {"low": 0.0, "high": 1.0},
+        "sigma": {"low": 0.0, "high": 0.0},
+        "open_radius": {"low": 0, "high": 0},
+        "close_radius": {"low": 0, "high": 0},
+        "min_area": {"low": 0, "high": 0},
+    } | space
+    OmegaConf.save(OmegaConf.create(bounds), tmp_path / "space.yaml")
+    return OmegaConf.create(
+        {
+            "val_fraction": 0.5,
+            "seed": 0,
+            "n_trials": 40,
+            "search_space": str(tmp_path / "space.yaml"),
+        }
+    )
+
+
+def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:
+    outputs = synthetic_outputs(speckle=False)
+    tuning = run_tuning(
+        outputs, TYPES, tuning_config(tmp_path), 0.0, f"sqlite:///{tmp_path}/optuna.db", "known"
+    )
+    post = tuning.post
+    raw = post.low + post.threshold * (post.high - post.low)
+    # Any threshold in the gap separates perfectly; the validation optimum sits at its top.
+    assert 0.4 <= raw <= 0.61
+    assert tuning.metrics["val_pixel_f1_tuned"] == pytest.approx(1.0)
+    assert tuning.metrics["pixel_f1"] > 0.99
+    assert tuning.metrics["val_pixel_f1_tuned"] >= tuning.metrics["val_pixel_f1_threshold_only"]
+
+
+def test_opening_is_chosen_to_remove_speckle(tmp_path: Path) -> None:
+    outputs = synthetic_outputs(speckle=True)
+    config = tuning_config(tmp_path, open_radius={"low": 0, "high": 3})
+    tuning = run_tuning(outputs, TYPES, config, 0.0, f"sqlite:///{tmp_path}/optuna.db", "speckle")
+    assert tuning.post.open_radius > 0
+    assert (
+        tuning.metrics["val_pixel_f1_tuned"] > tuning.metrics["val_pixel_f1_threshold_only"] + 0.05
+    )
+
+
+def test_study_reloads_from_sqlite(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    tuning = run_tuning(
+        synthetic_outputs(False), TYPES, tuning_config(tmp_path), 0.0, storage, "reload"
+    )
+    loaded = optuna.load_study(study_name="reload", storage=storage)
+    assert len(loaded.trials) == 40 and loaded.best_value == tuning.study.best_value
+    assert loaded.best_params == tuning.study.best_params
+
+
+def test_tuning_never_reads_the_held_out_part(tmp_path: Path) -> None:
+    outputs = synthetic_outputs(speckle=True)
+    config = tuning_config(tmp_path, open_radius={"low": 0, "high": 3})
+    first = run_tuning(outputs, TYPES, config, 0.0, f"sqlite:///{tmp_path}/a.db", "a")
+    _, held_out = stratified_split(TYPES, 0.5, seed=0)
+    poisoned = synthetic_outputs(speckle=True)
+    poisoned.patch_scores[held_out] = torch.rand(len(held_out), 32, 32) * 100
+    poisoned.masks[held_out] = 1 - poisoned.masks[held_out]
+    poisoned.image_scores[held_out] = -poisoned.image_scores[held_out]
+    second = run_tuning(poisoned, TYPES, config, 0.0, f"sqlite:///{tmp_path}/b.db", "b")
+    assert first.post == second.post and first.image_threshold == second.image_threshold
+    assert first.metrics["pixel_f1"] != second.metrics["pixel_f1"]
+
+
+def test_binarize_applies_morphology_and_min_area() -> None:
+    maps = torch.zeros(1, 20, 20)
+    maps[0, 2:10, 2:10] = 1.0
+    maps[0, 15, 15] = 1.0
+    post = PostProcessing(sigma=0.0, low=0.0, high=1.0, threshold=0.5)
+    assert int(binarize(maps, post).sum()) == 65
+    assert int(binarize(maps, PostProcessing(0.0, 0.0, 1.0, 0.5, open_radius=1)).sum()) == 64
+    assert int(binarize(maps, PostProcessing(0.0, 0.0, 1.0, 0.5, min_area=2)).sum()) == 64
+
+
+def test_threshold_optuna_in_a_run(synthetic_root: Path, tmp_path: Path) -> None:
+    cfg = compose_config(
+        [
+            f"data.root={synthetic_root}",
+            "threshold=optuna",
+            "threshold.n_trials=15",
+            f"tracking.root={tmp_path}/mlruns",
+        ]
+    )
+    run(cfg, tmp_path / "out")
+    written = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for key in ("pixel_f1", "pixel_precision", "pixel_recall", "image_f1", "val_pixel_f1_tuned"):
+        assert key in written and 0 <= written[key] <= 1
+    assert written["val_pixel_f1_tuned"] >= written["val_pixel_f1_threshold_only"] - 1e-6
+    travelling = json.loads(read_bank(tmp_path / "out" / BANK_FILE)[1]["extra"])
+    assert set(travelling["post_processing"]) >= {"sigma", "threshold", "open_radius", "min_area"}
+    assert (tmp_path / "out" / "tuning" / "optuna_history.png").stat().st_size > 5000
+    assert (tmp_path / "mlruns" / "optuna.db").is_file()
