@@ -1,10 +1,14 @@
 """Shared fixtures: real Hydra configs pointed at synthetic data and a temporary folder."""
 
+import sys
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+
+from patchlab.pipeline import run
+from patchlab.tracking import tracked_run
 from synthetic import make_category
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,3 +53,24 @@ def real_data_root() -> Path:
     if not (REAL_DATA / "bottle").is_dir():
         pytest.skip(f"real MVTec AD bottle not found at {REAL_DATA} (see shared/data/README.md)")
     return REAL_DATA
+
+
+def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
+    """train.py in a subprocess, as a user runs it, on synthetic data under tmp_path."""
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        *TEST_OVERRIDES,
+        f"data.root={root}",
+        f"hydra.run.dir={tmp_path}/run",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+
+
+def tracked(overrides: list[str], output_dir: Path) -> dict[str, float]:
+    """What train.py does for one category, in-process."""
+    cfg = compose_config(overrides)
+    with tracked_run(cfg, output_dir):
+        metrics, _, _ = run(cfg, output_dir)
+    return metrics

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from synthetic import make_category
 
 from patchlab.data.datamodule import MVTecDataModule
+from synthetic import make_category
 
 
 @pytest.fixture

@@ -9,25 +9,16 @@ from pathlib import Path
 import mlflow
 import pytest
 import pytorch_lightning as pl
-from conftest import ROOT, compose_config
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
-from mlflow_server import mlflow_server
-from synthetic import MVTEC_CATEGORIES, make_category
-from test_train import train_command
 
+from conftest import ROOT, compose_config, tracked, train_command
+from mlflow_server import mlflow_server
 from patchlab.bank_io import load_model, read_bank
 from patchlab.metrics import evaluate
-from patchlab.pipeline import BANK_FILE, run
-from patchlab.tracking import tracked_run, tracking_uri
-
-
-def tracked(overrides: list[str], output_dir: Path) -> dict[str, float]:
-    """What train.py does for one category, in-process."""
-    cfg = compose_config(overrides)
-    with tracked_run(cfg, output_dir):
-        metrics, _, _ = run(cfg, output_dir)
-    return metrics
+from patchlab.pipeline import BANK_FILE
+from patchlab.tracking import tracking_uri
+from synthetic import MVTEC_CATEGORIES, make_category
 
 
 def only_run(uri: str) -> mlflow.entities.Run:

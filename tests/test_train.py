@@ -4,16 +4,15 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_OVERRIDES, compose_config
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from synthetic import MVTEC_CATEGORIES, make_category
 
+from conftest import ROOT, compose_config, train_command
 from patchlab.pipeline import run
+from synthetic import MVTEC_CATEGORIES, make_category
 
 METRIC_KEYS = {
     "image_auroc",
@@ -84,18 +83,6 @@ def test_every_config_file_instantiates(path: Path, synthetic_root: Path) -> Non
         config.backbone.weights = None
     obj = instantiate(config[group], **({"backbone": None} if group == "model" else {}))
     assert obj is not None
-
-
-def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
-    return [
-        sys.executable,
-        str(ROOT / "train.py"),
-        *args,
-        *TEST_OVERRIDES,
-        f"data.root={root}",
-        f"hydra.run.dir={tmp_path}/run",
-        f"hydra.sweep.dir={tmp_path}/multirun",
-    ]
 
 
 @pytest.mark.slow

@@ -7,9 +7,9 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import compose_config
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from patchlab.bank_io import read_bank
 from patchlab.lightning_module import TestOutputs
 from patchlab.pipeline import BANK_FILE, run

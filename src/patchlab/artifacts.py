@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from patchlab.data.datamodule import MVTecDataModule
+from patchlab.data.mvtec import Sample
 from patchlab.lightning_module import TestOutputs
+
+
+def read_samples(path: Path) -> list[Sample]:
+    """The test samples back from scores.csv, in dataset order."""
+    with path.open() as file:
+        return [Sample(Path(row["path"]), row["defect_type"]) for row in csv.DictReader(file)]
 
 
 def write_scores_csv(outputs: TestOutputs, datamodule: MVTecDataModule, path: Path) -> None:
@@ -19,11 +26,25 @@ def write_scores_csv(outputs: TestOutputs, datamodule: MVTecDataModule, path: Pa
             writer.writerow([str(sample.image), sample.defect_type, sample.label, float(score)])
 
 
-def showcase_order(outputs: TestOutputs) -> list[int]:
-    """Failure cases first: lowest-scored defects and highest-scored goods, alternating."""
+def showcase_order(outputs: TestOutputs, selection: str = "failures") -> list[int]:
+    """Which test images to draw, in order.
+
+    `failures`: lowest-scored defects and highest-scored goods, alternating; `defects` or
+    `goods`: only those, hardest first; `all`: every image, most anomalous first.
+    """
     scores, labels = outputs.image_scores, outputs.labels
     defects = [int(i) for i in torch.argsort(scores) if labels[i] == 1]
     goods = [int(i) for i in torch.argsort(scores, descending=True) if labels[i] == 0]
+    if selection == "defects":
+        return defects
+    if selection == "goods":
+        return goods
+    if selection == "all":
+        return torch.argsort(scores, descending=True).tolist()
+    if selection != "failures":
+        raise ValueError(
+            f"figures.selection must be failures, defects, goods or all; got {selection!r}"
+        )
     order = []
     for pair in zip(defects, goods, strict=False):
         order += pair

@@ -16,7 +16,7 @@ def _both_classes(labels: torch.Tensor, name: str) -> bool:
     return False
 
 
-def _unit_range(scores: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+def unit_range(scores: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     """Min-max scales to [0, 1] in float64: torchmetrics would squash raw distances by sigmoid."""
     scores = scores.flatten().double()
     low, high = float(scores.min()), float(scores.max())
@@ -27,14 +27,14 @@ def auroc(scores: torch.Tensor, labels: torch.Tensor, name: str = "auroc") -> fl
     """Area under the ROC curve; NaN with a warning when only one class is present."""
     if not _both_classes(labels, name):
         return float("nan")
-    return float(binary_auroc(_unit_range(scores)[0], labels.flatten().long()))
+    return float(binary_auroc(unit_range(scores)[0], labels.flatten().long()))
 
 
 def f1_max(scores: torch.Tensor, labels: torch.Tensor, name: str = "f1_max") -> tuple[float, float]:
     """Best F1 over all thresholds, and that threshold (the seed's optimistic "F1-max")."""
     if not _both_classes(labels, name):
         return float("nan"), float("nan")
-    unit, low, high = _unit_range(scores)
+    unit, low, high = unit_range(scores)
     precision, recall, thresholds = binary_precision_recall_curve(unit, labels.flatten().long())
     f1 = 2 * precision * recall / (precision + recall).clamp(min=1e-12)
     best = int(f1[:-1].argmax())

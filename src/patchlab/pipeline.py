@@ -15,13 +15,12 @@ from patchlab.bank_io import save_bank
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
+from patchlab.render import OUTPUTS_FILE, render_run
 from patchlab.tracking import log_metrics
 from patchlab.tuning.study import tune_and_log
-from patchlab.visualize import write_heatmaps
 
 log = logging.getLogger(__name__)
 BANK_FILE = "memory_bank.safetensors"
-OUTPUTS_FILE = "test_outputs.safetensors"
 
 
 def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
@@ -81,7 +80,7 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
         save_bank(model, cfg, output_dir / BANK_FILE, decisions.travelling())
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_scores_csv(out, datamodule, output_dir / "scores.csv")
-    write_heatmaps(out, datamodule, output_dir / "heatmaps", cfg.num_heatmaps, decisions)
+    render_run(output_dir)
     log.info(
         "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f%s bank=%d "
         "fit=%.0fs test=%.0fs",

@@ -1,18 +1,15 @@
 """Per-image heatmap figures, drawn headless with matplotlib's object API (no pyplot state)."""
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 from matplotlib.figure import Figure
 
 from patchlab.artifacts import showcase_order
-from patchlab.data.datamodule import MVTecDataModule
-from patchlab.data.mvtec import read_image
+from patchlab.data.mvtec import Sample, read_image
 from patchlab.lightning_module import TestOutputs
-
-if TYPE_CHECKING:
-    from patchlab.tuning.study import Tuning
 
 
 def heatmap_figure(
@@ -37,34 +34,36 @@ def heatmap_figure(
         axes[2].contour(mask, levels=[0.5], colors="lime", linewidths=1.5)
     if predicted is not None and predicted.any():
         axes[2].contour(predicted, levels=[0.5], colors="cyan", linewidths=1.2, linestyles="--")
-    axes[2].set_title("overlay: truth (green), predicted (cyan)")
+    axes[2].set_title("truth: green" + ("   predicted: cyan" if predicted is not None else ""))
     for axis in axes:
         axis.set_axis_off()
-    figure.suptitle(title)
+    figure.suptitle(title, fontsize=11)
     return figure
 
 
 def write_heatmaps(
     outputs: TestOutputs,
-    datamodule: MVTecDataModule,
+    samples: list[Sample],
+    display: Callable[[torch.Tensor], torch.Tensor],
     folder: Path,
     count: int | None,
-    decisions: "Tuning | None" = None,
+    selection: str = "failures",
+    image_threshold: float | None = None,
+    predicted_masks: torch.Tensor | None = None,
 ) -> list[Path]:
-    """Writes `count` figures (all when None), failure cases first, on one colour scale.
+    """Writes `count` figures (all when None) in `selection` order, on one colour scale.
 
-    With tuned `decisions`, titles carry the image decision and overlays the predicted mask.
+    With an `image_threshold` titles carry the decision; with `predicted_masks` overlays do.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    image_threshold = decisions.image_threshold if decisions else None
-    predicted_masks = decisions.masks(outputs) if decisions else None
     scale = (float(outputs.maps.min()), float(outputs.maps.max()))
     paths = []
-    for rank, index in enumerate(showcase_order(outputs)[:count]):
-        sample = datamodule.test_samples[index]
-        image = datamodule.transform.display(read_image(sample.image)).permute(1, 2, 0).numpy()
+    for rank, index in enumerate(showcase_order(outputs, selection)[:count]):
+        sample = samples[index]
+        image = display(read_image(sample.image)).permute(1, 2, 0).numpy()
         score = float(outputs.image_scores[index])
-        title = f"{sample.defect_type}/{sample.image.name}  label={sample.label}  score={score:.3f}"
+        label = int(outputs.labels[index])
+        title = f"{sample.defect_type}/{sample.image.name}  label={label}  score={score:.3f}"
         if image_threshold is not None:
             title += f"  -> {'DEFECT' if score >= image_threshold else 'good'}"
         predicted = None if predicted_masks is None else predicted_masks[index].numpy()

@@ -34,11 +34,6 @@ class Tuning:
         """What scoring new images needs, stored in the bank file's metadata."""
         return {"post_processing": self.post.as_dict(), "image_threshold": self.image_threshold}
 
-    def masks(self, outputs: TestOutputs) -> torch.Tensor:
-        """(N, H, W) predicted defect masks for every test image."""
-        maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), self.post.sigma)
-        return binarize(maps, self.post)
-
 
 def _subset(outputs: TestOutputs, index: torch.Tensor) -> TestOutputs:
     return TestOutputs(
@@ -140,12 +135,15 @@ def run_tuning(
 
 def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     """Optuna's optimisation history and parameter importances as PNGs."""
+    import matplotlib
     from matplotlib import pyplot
     from optuna.visualization import matplotlib as plots
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    with warnings.catch_warnings():
+    # Optuna's plots switch matplotlib to its ggplot style globally; rc_context undoes that so
+    # every later figure looks the same whether or not tuning ran before it.
+    with warnings.catch_warnings(), matplotlib.rc_context():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         for name, plot in (
             ("optuna_history.png", plots.plot_optimization_history),

@@ -1,0 +1,158 @@
+"""Per-category figures (seaborn), drawn from saved scores and maps: never re-runs the model."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+import torch
+from matplotlib.figure import Figure
+from torchmetrics.functional.classification import binary_precision_recall_curve, binary_roc
+
+from patchlab.data.mvtec import Sample, read_image
+from patchlab.lightning_module import TestOutputs
+from patchlab.metrics import auroc, f1_max, unit_range
+
+CURVE_POINTS = 500  # binned thresholds for pixel curves: millions of pixels, smooth enough
+
+
+def score_distributions(outputs: TestOutputs, samples: list[Sample], threshold: float) -> Figure:
+    """Image scores of good vs each defect type, with the decision threshold."""
+    frame = pd.DataFrame(
+        {"image score": outputs.image_scores.numpy(), "type": [s.defect_type for s in samples]}
+    )
+    order = ["good", *sorted(set(frame["type"]) - {"good"})]
+    figure = Figure(figsize=(8, 0.6 * len(order) + 2), layout="constrained")
+    axis = figure.subplots()
+    sns.boxplot(frame, x="image score", y="type", order=order, ax=axis, color="0.85", fliersize=0)
+    # A swarm, not a strip: strip jitter draws from numpy's global random state.
+    sns.swarmplot(
+        frame,
+        x="image score",
+        y="type",
+        order=order,
+        ax=axis,
+        hue="type",
+        hue_order=order,
+        palette="tab10",
+        size=5,
+        legend=False,
+    )
+    axis.axvline(
+        threshold, color="crimson", linestyle="--", label=f"decision threshold {threshold:.3g}"
+    )
+    axis.legend(loc="lower right")
+    axis.set_title("Image scores by defect type")
+    return figure
+
+
+def _curve(scores: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    unit = unit_range(scores)[0].float()
+    bins = CURVE_POINTS if unit.numel() > 100_000 else None
+    if kind == "roc":
+        fpr, tpr, _ = binary_roc(unit, labels.flatten().long(), thresholds=bins)
+        return fpr.numpy(), tpr.numpy()
+    precision, recall, _ = binary_precision_recall_curve(
+        unit, labels.flatten().long(), thresholds=bins
+    )
+    return recall.numpy(), precision.numpy()
+
+
+def roc_curves(outputs: TestOutputs) -> Figure:
+    """Image and pixel ROC curves, AUROC in the legend."""
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axis = figure.subplots()
+    for name, scores, labels in (
+        ("image", outputs.image_scores, outputs.labels),
+        ("pixel", outputs.maps, outputs.masks),
+    ):
+        fpr, tpr = _curve(scores, labels, "roc")
+        sns.lineplot(
+            x=fpr,
+            y=tpr,
+            ax=axis,
+            label=f"{name} AUROC {auroc(scores, labels):.4f}",
+            estimator=None,
+            sort=False,
+        )
+    axis.plot([0, 1], [0, 1], color="0.6", linestyle=":")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
+    return figure
+
+
+def pixel_pr_curve(outputs: TestOutputs) -> Figure:
+    """Pixel precision-recall curve with its F1-max point."""
+    recall, precision = _curve(outputs.maps, outputs.masks, "pr")
+    best_f1, _ = f1_max(outputs.maps, outputs.masks)
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axis = figure.subplots()
+    sns.lineplot(x=recall, y=precision, ax=axis, estimator=None, sort=False, label="pixels")
+    axis.scatter(
+        [recall[best]], [precision[best]], color="crimson", zorder=3, label=f"F1-max {best_f1:.4f}"
+    )
+    axis.set(
+        xlabel="recall",
+        ylabel="precision",
+        title="Pixel precision-recall",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
+    axis.legend(loc="lower left")
+    return figure
+
+
+def failure_grid(outputs: TestOutputs, samples: list[Sample], display, count: int) -> Figure:
+    """Top row: the most anomalous good images; bottom row: the least anomalous defects."""
+    scores, labels = outputs.image_scores, outputs.labels
+    goods = [int(i) for i in torch.argsort(scores, descending=True) if labels[i] == 0][:count]
+    defects = [int(i) for i in torch.argsort(scores) if labels[i] == 1][:count]
+    figure = Figure(figsize=(2.2 * count, 5), layout="constrained")
+    axes = figure.subplots(2, count, squeeze=False)
+    for row, (indices, name) in enumerate(
+        ((goods, "most anomalous goods"), (defects, "least anomalous defects"))
+    ):
+        for column, axis in enumerate(axes[row]):
+            axis.set_axis_off()
+            if column < len(indices):
+                sample = samples[indices[column]]
+                axis.imshow(display(read_image(sample.image)).permute(1, 2, 0).numpy())
+                axis.set_title(
+                    f"{sample.defect_type}\n{float(scores[indices[column]]):.3f}", fontsize=9
+                )
+        axes[row][0].text(
+            -0.1,
+            0.5,
+            name,
+            transform=axes[row][0].transAxes,
+            rotation=90,
+            va="center",
+            ha="right",
+            fontsize=10,
+        )
+    figure.suptitle("Failure cases")
+    return figure
+
+
+def write_category_figures(
+    outputs: TestOutputs,
+    samples: list[Sample],
+    display,
+    folder: Path,
+    threshold: float,
+    grid_count: int,
+) -> list[Path]:
+    """Writes the four category figures as PNGs into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {
+        "score_distributions.png": score_distributions(outputs, samples, threshold),
+        "roc_curves.png": roc_curves(outputs),
+        "pixel_pr_curve.png": pixel_pr_curve(outputs),
+        "failure_cases.png": failure_grid(outputs, samples, display, grid_count),
+    }
+    paths = []
+    for name, figure in figures.items():
+        figure.savefig(folder / name, dpi=90)
+        paths.append(folder / name)
+    return paths

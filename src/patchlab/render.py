@@ -1,0 +1,66 @@
+"""Redraws a run's figures from its saved files: no model, no features, no images re-scored.
+
+python -m patchlab.render outputs/bottle/2026-11-28_15-00-00
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from patchlab.artifacts import load_outputs, read_samples
+from patchlab.category_figures import write_category_figures
+from patchlab.core.scoring import anomaly_maps
+from patchlab.data.mvtec import ImageTransform
+from patchlab.metrics import f1_max
+from patchlab.tuning.postprocess import PostProcessing, binarize
+from patchlab.visualize import write_heatmaps
+
+OUTPUTS_FILE = "test_outputs.safetensors"
+
+
+def render_run(run_dir: Path) -> list[Path]:
+    """Writes heatmaps/ and figures/ in `run_dir` from test_outputs, scores.csv and config."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    outputs = load_outputs(run_dir / OUTPUTS_FILE)
+    samples = read_samples(run_dir / "scores.csv")
+    display = ImageTransform(
+        cfg.data.resize, cfg.data.crop_size, cfg.data.mean, cfg.data.std
+    ).display
+    tuning_file = run_dir / "tuning.json"
+    predicted = None
+    if tuning_file.is_file():
+        tuning = json.loads(tuning_file.read_text())
+        post = PostProcessing(**tuning["post_processing"])
+        maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), post.sigma)
+        predicted, threshold = binarize(maps, post), tuning["image_threshold"]
+    else:
+        threshold = f1_max(outputs.image_scores, outputs.labels)[1]
+    figures = cfg.figures
+    paths = write_heatmaps(
+        outputs,
+        samples,
+        display,
+        run_dir / "heatmaps",
+        figures.count,
+        figures.selection,
+        threshold,
+        predicted,
+    )
+    return paths + write_category_figures(
+        outputs, samples, display, run_dir / "figures", threshold, figures.grid_count
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run_dir", type=Path)
+    paths = render_run(parser.parse_args().run_dir)
+    print(f"wrote {len(paths)} figures")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Figures and the report: right files and sizes, headless, deterministic, numbers from MLflow."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import ROOT, tracked
+from patchlab.render import render_run
+from patchlab.report import build_report
+from patchlab.summary import TABLE_METRICS
+
+EXPECTED_SIZES = {  # (width, height) in pixels: figure inches x dpi
+    "figures/score_distributions.png": (720, 342),
+    "figures/roc_curves.png": (540, 495),
+    "figures/pixel_pr_curve.png": (540, 495),
+    "figures/failure_cases.png": (1188, 450),
+}
+
+
+@pytest.fixture(scope="module")
+def tracked_run_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("figures")
+    tracked(
+        [
+            f"data.root={synthetic_root}",
+            f"tracking.root={base}/mlruns",
+            "threshold=optuna",
+            "threshold.n_trials=10",
+        ],
+        base / "run",
+    )
+    return base
+
+
+def test_every_figure_is_written_at_its_size(tracked_run_dir: Path) -> None:
+    run_dir = tracked_run_dir / "run"
+    for name, size in EXPECTED_SIZES.items():
+        assert Image.open(run_dir / name).size == size, name
+    heatmaps = sorted((run_dir / "heatmaps").glob("*.png"))
+    assert len(heatmaps) == 8  # figures.count of the 9 test images
+    assert all(Image.open(p).size == (880, 304) for p in heatmaps)
+    assert heatmaps[0].name.startswith("000_") and "good" in heatmaps[1].name
+
+
+def test_rendering_is_headless_and_deterministic(tracked_run_dir: Path) -> None:
+    run_dir = tracked_run_dir / "run"
+    before = {p: p.read_bytes() for p in run_dir.glob("*/*.png") if p.parent.name != "tuning"}
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, "-m", "patchlab.render", str(run_dir)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = {p: p.read_bytes() for p in before}
+    assert after == before
+    render_run(run_dir)
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_report_table_equals_the_metrics_in_mlflow(tracked_run_dir: Path) -> None:
+    client = MlflowClient(f"sqlite:///{tracked_run_dir / 'mlruns' / 'mlflow.db'}")
+    table, markdown, page = build_report(
+        client, "patchcore", None, tracked_run_dir / "report", "http://127.0.0.1:5000"
+    )
+    (run,) = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
+    for metric in TABLE_METRICS:
+        logged = run.data.metrics[metric]
+        assert table.loc["bottle", metric] == logged or (
+            math.isnan(logged) and math.isnan(table.loc["bottle", metric])
+        )
+    assert f"runs/{run.info.run_id}" in markdown.read_text()
+    text = page.read_text()
+    assert text.count("data:image/png;base64,") == 2 + 4 and "<table" in text
+    assert f"{table.loc['bottle', 'image_auroc']:.4f}" in markdown.read_text()
