@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from patchlab.seed_results import SEED_METRICS, SEED_RESULTS
 
@@ -16,23 +17,30 @@ FAILED_FILE = "failed.json"
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job folder: its metrics.json, or its failure and error."""
+    """One row per job folder: its metrics.json, or its failure and error.
+
+    Rows are named by folder (a sweep over other knobs names them apart); `seed_key` is the
+    job's category, which the seed's numbers are looked up by.
+    """
     rows = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        config = job / "config.yaml"
+        key = OmegaConf.load(config).category.name if config.is_file() else job.name
+        row = {"category": job.name, "seed_key": key}
         if (job / "metrics.json").is_file():
-            metrics = json.loads((job / "metrics.json").read_text())
-            rows.append({"category": job.name, "status": "ok", **metrics})
+            rows.append(row | {"status": "ok", **json.loads((job / "metrics.json").read_text())})
         elif (job / FAILED_FILE).is_file():
             failure = json.loads((job / FAILED_FILE).read_text())
-            rows.append({"category": job.name, "status": "FAILED", "error": failure["error"]})
+            rows.append(row | {"status": "FAILED", "error": failure["error"]})
     return pd.DataFrame(rows)
 
 
 def compare(results: pd.DataFrame) -> pd.DataFrame:
     """Adds `seed_<metric>` and `diff_<metric>` columns and a mean row over finished jobs."""
+    keys = results["seed_key"] if "seed_key" in results else results["category"]
     table = results.set_index("category").reindex(columns=["status", *TABLE_METRICS, "error"])
     for i, metric in enumerate(SEED_METRICS):
-        table[f"seed_{metric}"] = [SEED_RESULTS.get(c, (math.nan,) * 3)[i] for c in table.index]
+        table[f"seed_{metric}"] = [SEED_RESULTS.get(k, (math.nan,) * 3)[i] for k in keys]
         table[f"diff_{metric}"] = table[metric] - table[f"seed_{metric}"]
     finished = table[table["status"] == "ok"]
     mean = finished.drop(columns=["status", "error"]).mean(numeric_only=True)
