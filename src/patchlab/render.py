@@ -11,10 +11,10 @@ from omegaconf import OmegaConf
 
 from patchlab.artifacts import load_outputs, read_samples
 from patchlab.category_figures import write_category_figures
-from patchlab.core.scoring import anomaly_maps
 from patchlab.data.mvtec import ImageTransform
 from patchlab.metrics import f1_max
 from patchlab.tuning.postprocess import PostProcessing, binarize
+from patchlab.tuning.study import maps_at
 from patchlab.visualize import write_heatmaps
 
 OUTPUTS_FILE = "test_outputs.safetensors"
@@ -33,8 +33,10 @@ def render_run(run_dir: Path) -> list[Path]:
     if tuning_file.is_file():
         tuning = json.loads(tuning_file.read_text())
         post = PostProcessing(**tuning["post_processing"])
-        maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), post.sigma)
-        predicted, threshold = binarize(maps, post), tuning["image_threshold"]
+        predicted, threshold = (
+            binarize(maps_at(outputs, post.sigma), post),
+            tuning["image_threshold"],
+        )
     else:
         threshold = f1_max(outputs.image_scores, outputs.labels)[1]
     figures = cfg.figures

@@ -41,24 +41,23 @@ def _subset(outputs: TestOutputs, index: torch.Tensor) -> TestOutputs:
     )
 
 
-def normalised_post(outputs: TestOutputs, sigma: float, **params: float) -> PostProcessing:
-    """Post-processing whose 0..1 scale spans these (validation) maps at `sigma`."""
-    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
-    return PostProcessing(sigma=sigma, low=float(maps.min()), high=float(maps.max()), **params)
+def maps_at(outputs: TestOutputs, sigma: float) -> torch.Tensor:
+    """(N, H, W) anomaly maps re-blurred at `sigma` from the cached patch scores."""
+    return anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
 
 
-def validation_f1(outputs: TestOutputs, post: PostProcessing) -> float:
-    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), post.sigma)
-    return pixel_scores(binarize(maps, post), outputs.masks)["pixel_f1"]
+def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
+    """Post-processing whose 0..1 threshold scale spans these (validation) maps."""
+    low, high = float(maps.min()), float(maps.max())
+    return PostProcessing(sigma=sigma, low=low, high=high, threshold=threshold, **params)
 
 
 def threshold_only(outputs: TestOutputs, sigma: float) -> tuple[PostProcessing, float]:
     """The exact F1-optimal threshold from the validation precision-recall curve."""
-    post = normalised_post(outputs, sigma, threshold=0.0)
-    maps = anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
+    maps = maps_at(outputs, sigma)
     f1, raw = f1_max(maps, outputs.masks)
-    threshold = (raw - post.low) / max(post.high - post.low, 1e-12)
-    return PostProcessing(**{**post.as_dict(), "threshold": threshold}), f1
+    low, high = float(maps.min()), float(maps.max())
+    return normalised(maps, sigma, (raw - low) / max(high - low, 1e-12)), f1
 
 
 def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, float]:
@@ -73,7 +72,10 @@ def suggest(trial: optuna.Trial, space: DictConfig) -> dict[str, float]:
 
 def _objective(validation: TestOutputs, space: DictConfig):
     def objective(trial: optuna.Trial) -> float:
-        return validation_f1(validation, normalised_post(validation, **suggest(trial, space)))
+        params = suggest(trial, space)
+        maps = maps_at(validation, params["sigma"])
+        predicted = binarize(maps, normalised(maps, **params))
+        return pixel_scores(predicted, validation.masks)["pixel_f1"]
 
     return objective
 
@@ -103,7 +105,7 @@ def tune(
         }
     )
     study.optimize(_objective(validation, space), n_trials=config.n_trials, show_progress_bar=True)
-    best = normalised_post(validation, **study.best_params)
+    best = normalised(maps_at(validation, study.best_params["sigma"]), **study.best_params)
     return study, best, baseline_f1
 
 
@@ -120,8 +122,7 @@ def run_tuning(
     validation, held_out = _subset(outputs, val_index), _subset(outputs, test_index)
     study, post, baseline_f1 = tune(validation, config, baseline_sigma, storage, name)
     _, image_threshold = f1_max(validation.image_scores, validation.labels)
-    maps = anomaly_maps(held_out.patch_scores, tuple(held_out.masks.shape[-2:]), post.sigma)
-    metrics = pixel_scores(binarize(maps, post), held_out.masks)
+    metrics = pixel_scores(binarize(maps_at(held_out, post.sigma), post), held_out.masks)
     decisions = pixel_scores(held_out.image_scores >= image_threshold, held_out.labels)
     metrics |= {
         "image_f1": decisions["pixel_f1"],
