@@ -1,0 +1,39 @@
+"""MVTec download: checksum-verified extraction, and a clear message when it cannot download."""
+
+import hashlib
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from patchlab.data.download import download_mvtec
+from synthetic import make_category
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> tuple[Path, str]:
+    """A small .tar.xz in MVTec's layout, and its SHA-256."""
+    make_category(tmp_path / "src", "bottle", size=16, train=2, good=1, defects=1)
+    path = tmp_path / "mvtec_anomaly_detection.tar.xz"
+    with tarfile.open(path, "w:xz") as tar:
+        tar.add(tmp_path / "src" / "bottle", arcname="bottle")
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_checks_the_sum_and_extracts(archive, tmp_path: Path) -> None:
+    path, digest = archive
+    root = tmp_path / "data"
+    download_mvtec(root, url=path.as_uri(), sha256=digest)
+    assert len(list((root / "bottle" / "train" / "good").glob("*.png"))) == 2
+
+
+def test_checksum_mismatch_is_an_error(archive, tmp_path: Path) -> None:
+    path, _ = archive
+    with pytest.raises(RuntimeError, match="Checksum mismatch"):
+        download_mvtec(tmp_path / "data", url=path.as_uri(), sha256="0" * 64)
+
+
+def test_offline_download_says_where_to_put_the_data(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match=r"Could not download MVTec AD.*extract it so that"):
+        download_mvtec(tmp_path / "data", url="http://127.0.0.1:9/mvtec_anomaly_detection.tar.xz")
+    assert not list((tmp_path / "data").glob("*.part"))
