@@ -15,6 +15,8 @@ from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 # in eval mode. A user seeing them would go looking for a bug that is not there.
 warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`")
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# Lightning's own use of a torch API it has not caught up with; nothing a user can change.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 _FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
