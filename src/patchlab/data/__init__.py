@@ -1,0 +1,1 @@
+"""MVTec AD layout datasets and their Lightning data module."""

@@ -1,0 +1,89 @@
+"""Lightning data module over one MVTec-layout category."""
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from patchlab.data.download import MANUAL_STEPS, download_mvtec
+from patchlab.data.mvtec import ImageTransform, MVTecDataset, Sample, scan_test, scan_train
+
+log = logging.getLogger(__name__)
+
+
+class MVTecDataModule(pl.LightningDataModule):
+    """Checks the category folder up front, so bad data fails before any model work.
+
+    Args:
+        root: Folder holding one sub-folder per category.
+        category: Sub-folder name; any name works for a user's own parts.
+        download: Fetch MVTec AD into `root` when the category is missing.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        category: str,
+        resize: int = 256,
+        crop_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        batch_size: int = 32,
+        num_workers: int = 2,
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        if crop_size > resize:
+            raise ValueError(f"data.crop_size ({crop_size}) must not exceed data.resize ({resize})")
+        self.root = Path(root).expanduser()
+        self.category = category
+        self.transform = ImageTransform(resize, crop_size, list(mean), list(std))
+        self.crop_size = crop_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.download = download
+        self.train_samples: list[Sample] = []
+        self.test_samples: list[Sample] = []
+
+    def prepare_data(self) -> None:
+        """Downloads MVTec AD when asked to and the category is not there yet."""
+        if self.download and not (self.root / self.category).is_dir():
+            download_mvtec(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_samples:
+            return
+        category_dir = self.root / self.category
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data.root {self.root} does not exist. " + MANUAL_STEPS.format(root=self.root)
+                + " Or set data.download=true."
+            )
+        if not category_dir.is_dir():
+            found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            raise FileNotFoundError(
+                f"Category folder {category_dir} does not exist; {self.root} holds {found}"
+            )
+        self.train_samples = scan_train(category_dir)
+        self.test_samples = scan_test(category_dir)
+        log.info(
+            "%s: %d train, %d test images (%d defective)",
+            self.category, len(self.train_samples), len(self.test_samples),
+            sum(s.label for s in self.test_samples),
+        )
+
+    def _loader(self, samples: list[Sample]) -> DataLoader:
+        return DataLoader(
+            MVTecDataset(samples, self.transform),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_samples)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_samples)
