@@ -16,6 +16,7 @@ from patchlab.pipeline import BANK_FILE, run
 from patchlab.tuning.postprocess import PostProcessing, binarize
 from patchlab.tuning.split import stratified_split
 from patchlab.tuning.study import run_tuning
+from patchlab.tuning.synthetic import cut_paste
 
 TYPES = ["good"] * 10 + ["crack"] * 6 + ["hole"] * 5 + ["scratch"] * 2
 
@@ -157,3 +158,33 @@ def test_threshold_optuna_in_a_run(synthetic_root: Path, tmp_path: Path) -> None
     assert set(travelling["post_processing"]) >= {"sigma", "threshold", "open_radius", "min_area"}
     assert (tmp_path / "out" / "tuning" / "optuna_history.png").stat().st_size > 5000
     assert (tmp_path / "mlruns" / "optuna.db").is_file()
+
+
+def test_cut_paste_changes_exactly_the_masked_pixels() -> None:
+    image = torch.rand(3, 40, 40)
+    pasted, mask = cut_paste(image, torch.Generator().manual_seed(1))
+    outside = mask == 0
+    assert torch.equal(pasted[:, outside], image[:, outside])
+    assert 0 < int(mask.sum()) < 40 * 40 // 5
+    assert not torch.equal(pasted[:, ~outside], image[:, ~outside])
+
+
+def test_synthetic_validation_needs_no_labelled_defects(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        [
+            f"data.root={synthetic_root}",
+            "threshold=optuna",
+            "threshold.validation=synthetic",
+            "threshold.synthetic_images=3",
+            "threshold.n_trials=8",
+            f"tracking.root={tmp_path}/mlruns",
+        ]
+    )
+    metrics, model, datamodule = run(cfg, tmp_path / "out")
+    assert len(datamodule.holdout_samples) == 3 and len(datamodule.train_samples) == 5
+    assert set(datamodule.holdout_samples).isdisjoint(datamodule.train_samples)
+    assert model.memory_bank.shape[0] == int(5 * 8 * 8 * 0.25)
+    assert metrics["val_images"] == 6 and metrics["held_out_images"] == 9
+    assert 0 <= metrics["pixel_f1"] <= 1

@@ -18,6 +18,7 @@ from patchlab.metrics import evaluate
 from patchlab.render import OUTPUTS_FILE, render_run
 from patchlab.tracking import log_metrics
 from patchlab.tuning.study import tune_and_log
+from patchlab.tuning.synthetic import synthetic_validation
 
 log = logging.getLogger(__name__)
 BANK_FILE = "memory_bank.safetensors"
@@ -39,12 +40,18 @@ def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
 def build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
     """Instantiates data first, so a bad folder fails before any weights are loaded."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate(cfg.data, holdout=synthetic_count(cfg))
     datamodule.prepare_data()
     datamodule.setup()
     model = instantiate(cfg.model, backbone=instantiate(cfg.backbone))
     check_bank_size(model, datamodule)
     return datamodule, model, instantiate(cfg.trainer)
+
+
+def synthetic_count(cfg: DictConfig) -> int:
+    """Good images to hold back from the bank when tuning on synthetic anomalies."""
+    tuning = cfg.threshold
+    return int(tuning.synthetic_images) if tuning.get("validation") == "synthetic" else 0
 
 
 def peak_rss_mb() -> float:
@@ -75,7 +82,10 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     decisions = None
     if cfg.threshold.enabled:
         defect_types = [sample.defect_type for sample in datamodule.test_samples]
-        decisions = tune_and_log(cfg, out, defect_types, output_dir)
+        validation = None
+        if datamodule.holdout_samples:
+            validation = synthetic_validation(model, datamodule.holdout_images(), cfg.seed)
+        decisions = tune_and_log(cfg, out, defect_types, output_dir, validation=validation)
         metrics |= decisions.metrics
         save_bank(model, cfg, output_dir / BANK_FILE, decisions.travelling())
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

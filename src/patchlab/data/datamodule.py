@@ -5,6 +5,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
 from patchlab.data.download import MANUAL_STEPS, download_mvtec
@@ -20,6 +21,8 @@ class MVTecDataModule(pl.LightningDataModule):
         root: Folder holding one sub-folder per category.
         category: Sub-folder name; any name works for a user's own parts.
         download: Fetch MVTec AD into `root` when the category is missing.
+        holdout: train/good images kept out of the memory bank (seeded pick), e.g. to carry
+            synthetic anomalies for tuning.
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class MVTecDataModule(pl.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 2,
         download: bool = False,
+        holdout: int = 0,
     ) -> None:
         super().__init__()
         if crop_size > resize:
@@ -44,6 +48,8 @@ class MVTecDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.download = download
+        self.holdout = holdout
+        self.holdout_samples: list[Sample] = []
         self.train_samples: list[Sample] = []
         self.test_samples: list[Sample] = []
 
@@ -58,7 +64,8 @@ class MVTecDataModule(pl.LightningDataModule):
         category_dir = self.root / self.category
         if not self.root.is_dir():
             raise FileNotFoundError(
-                f"data.root {self.root} does not exist. " + MANUAL_STEPS.format(root=self.root)
+                f"data.root {self.root} does not exist. "
+                + MANUAL_STEPS.format(root=self.root)
                 + " Or set data.download=true."
             )
         if not category_dir.is_dir():
@@ -67,12 +74,32 @@ class MVTecDataModule(pl.LightningDataModule):
                 f"Category folder {category_dir} does not exist; {self.root} holds {found}"
             )
         self.train_samples = scan_train(category_dir)
+        if self.holdout:
+            self._hold_back()
         self.test_samples = scan_test(category_dir)
         log.info(
             "%s: %d train, %d test images (%d defective)",
-            self.category, len(self.train_samples), len(self.test_samples),
+            self.category,
+            len(self.train_samples),
+            len(self.test_samples),
             sum(s.label for s in self.test_samples),
         )
+
+    def _hold_back(self) -> None:
+        if self.holdout >= len(self.train_samples):
+            raise ValueError(
+                f"Cannot hold back {self.holdout} of {len(self.train_samples)} train/good images "
+                "for synthetic validation; lower threshold.synthetic_images"
+            )
+        order = torch.randperm(len(self.train_samples), generator=torch.Generator().manual_seed(0))
+        held = set(order[: self.holdout].tolist())
+        self.holdout_samples = [s for i, s in enumerate(self.train_samples) if i in held]
+        self.train_samples = [s for i, s in enumerate(self.train_samples) if i not in held]
+
+    def holdout_images(self) -> torch.Tensor:
+        """(N, 3, S, S) preprocessed held-back good images."""
+        dataset = MVTecDataset(self.holdout_samples, self.transform)
+        return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
 
     def _loader(self, samples: list[Sample]) -> DataLoader:
         return DataLoader(

@@ -75,14 +75,18 @@ def _scan_defect_type(category_dir: Path, defect_type: str) -> list[Sample]:
             _size(path)
         return [Sample(path, GOOD) for path in images]
     mask_dir = category_dir / "ground_truth" / defect_type
-    masks = {p.stem.removesuffix("_mask"): p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
+    masks = (
+        {p.stem.removesuffix("_mask"): p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
+    )
     orphans = sorted(set(masks) - {p.stem for p in images})
     if orphans:
         raise ValueError(f"Masks without a test image in {mask_dir}: {orphans[:5]}")
     samples = []
     for path in images:
         if path.stem not in masks:
-            raise ValueError(f"Defect image {path} has no mask; expected {mask_dir}/{path.stem}_mask.png")
+            raise ValueError(
+                f"Defect image {path} has no mask; expected {mask_dir}/{path.stem}_mask.png"
+            )
         mask = masks[path.stem]
         if _size(path) != _size(mask):
             raise ValueError(
@@ -95,19 +99,21 @@ def _scan_defect_type(category_dir: Path, defect_type: str) -> list[Sample]:
 class ImageTransform:
     """Resize, center crop and normalise images; masks go through the same geometry, nearest."""
 
-    def __init__(
-        self, resize: int, crop_size: int, mean: list[float], std: list[float]
-    ) -> None:
-        self.image = v2.Compose([
-            v2.Resize(resize, antialias=True),
-            v2.CenterCrop(crop_size),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(mean, std),
-        ])
-        self.mask = v2.Compose([
-            v2.Resize(resize, interpolation=v2.InterpolationMode.NEAREST),
-            v2.CenterCrop(crop_size),
-        ])
+    def __init__(self, resize: int, crop_size: int, mean: list[float], std: list[float]) -> None:
+        self.image = v2.Compose(
+            [
+                v2.Resize(resize, antialias=True),
+                v2.CenterCrop(crop_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(mean, std),
+            ]
+        )
+        self.mask = v2.Compose(
+            [
+                v2.Resize(resize, interpolation=v2.InterpolationMode.NEAREST),
+                v2.CenterCrop(crop_size),
+            ]
+        )
         self.display = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)])
 
 

@@ -116,10 +116,18 @@ def run_tuning(
     baseline_sigma: float,
     storage: str,
     name: str,
+    validation: TestOutputs | None = None,
 ) -> Tuning:
-    """Splits, tunes on the validation part, and reports honest figures on the held-out part."""
-    val_index, test_index = stratified_split(defect_types, config.val_fraction, config.seed)
-    validation, held_out = _subset(outputs, val_index), _subset(outputs, test_index)
+    """Tunes on a validation set and reports honest figures on images it never saw.
+
+    Without `validation`, the test set is split (stratified) and its other part is held out;
+    with one (e.g. synthetic anomalies on held-back good images) the whole test set is.
+    """
+    if validation is None:
+        val_index, test_index = stratified_split(defect_types, config.val_fraction, config.seed)
+        validation, held_out = _subset(outputs, val_index), _subset(outputs, test_index)
+    else:
+        held_out = outputs
     study, post, baseline_f1 = tune(validation, config, baseline_sigma, storage, name)
     _, image_threshold = f1_max(validation.image_scores, validation.labels)
     metrics = pixel_scores(binarize(maps_at(held_out, post.sigma), post), held_out.masks)
@@ -128,8 +136,8 @@ def run_tuning(
         "image_f1": decisions["pixel_f1"],
         "val_pixel_f1_tuned": study.best_value,
         "val_pixel_f1_threshold_only": baseline_f1,
-        "val_images": float(len(val_index)),
-        "held_out_images": float(len(test_index)),
+        "val_images": float(len(validation.labels)),
+        "held_out_images": float(len(held_out.labels)),
     }
     return Tuning(post, image_threshold, metrics, study)
 
@@ -163,6 +171,7 @@ def tune_and_log(
     defect_types: list[str],
     output_dir: Path,
     param_prefix: str = "tuned",
+    validation: TestOutputs | None = None,
 ) -> Tuning:
     """Tunes, writes tuning.json and the study plots, and logs both to the active MLflow run.
 
@@ -182,6 +191,7 @@ def tune_and_log(
         cfg.model.blur_sigma,
         storage,
         name=f"{cfg.category.name}:{output_dir.resolve()}",
+        validation=validation,
     )
     summary = {
         **tuning.travelling(),

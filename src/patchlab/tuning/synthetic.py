@@ -1,0 +1,46 @@
+"""CutPaste anomalies with exact masks, for tuning when no labelled defects exist.
+
+Held-back good images (never in the memory bank) each appear twice in the validation set:
+as they are, and with a patch of themselves cut out and pasted elsewhere (Li et al., CVPR 2021).
+"""
+
+import math
+
+import torch
+
+from patchlab.lightning_module import PatchCore, TestOutputs
+
+
+def cut_paste(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pastes a brightness-jittered rectangle of (3, H, W) `image` elsewhere; returns its mask."""
+    _, height, width = image.shape
+    area = float(torch.empty(1).uniform_(0.02, 0.08, generator=generator)) * height * width
+    aspect = math.exp(
+        float(torch.empty(1).uniform_(math.log(0.3), math.log(3.3), generator=generator))
+    )
+    h = max(2, min(height - 1, round(math.sqrt(area * aspect))))
+    w = max(2, min(width - 1, round(math.sqrt(area / aspect))))
+    sy, dy = torch.randint(0, height - h + 1, (2,), generator=generator).tolist()
+    sx, dx = torch.randint(0, width - w + 1, (2,), generator=generator).tolist()
+    gain = float(torch.empty(1).uniform_(0.7, 1.3, generator=generator))
+    out = image.clone()
+    out[:, dy : dy + h, dx : dx + w] = image[:, sy : sy + h, sx : sx + w] * gain
+    mask = torch.zeros(height, width, dtype=torch.uint8)
+    mask[dy : dy + h, dx : dx + w] = 1
+    return out, mask
+
+
+def synthetic_validation(
+    model: PatchCore, images: torch.Tensor, seed: int, batch_size: int = 16
+) -> TestOutputs:
+    """Scores (N, 3, H, W) held-back good images and their CutPaste copies with `model`."""
+    generator = torch.Generator().manual_seed(seed)
+    pasted, masks = zip(*(cut_paste(image, generator) for image in images), strict=True)
+    inputs = torch.cat([images, torch.stack(pasted)])
+    all_masks = torch.cat(
+        [torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8), torch.stack(masks)]
+    )
+    parts = [model.predict(chunk) for chunk in inputs.split(batch_size)]
+    scores, maps, grids = (torch.cat(column) for column in zip(*parts, strict=True))
+    labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
+    return TestOutputs(scores, labels, maps, all_masks, grids)
