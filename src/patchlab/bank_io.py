@@ -1,4 +1,4 @@
-"""The memory bank as safetensors, with the metadata needed to score new images without pickle."""
+"""The memory bank as safetensors, with the metadata to score new images; nothing runs on load."""
 
 import json
 from pathlib import Path
