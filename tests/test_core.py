@@ -106,7 +106,7 @@ def test_scorer_matches_brute_force_knn_and_reweighting() -> None:
     generator = torch.Generator().manual_seed(4)
     bank = torch.randn(200, 16, generator=generator)
     embeddings = torch.randn(3, 49, 16, generator=generator) * 0.3
-    scorer = NearestNeighbourScorer(num_neighbors=9, chunk_size=50)
+    scorer = NearestNeighbourScorer(num_neighbors=9)
     scorer.fit(bank)
     patch_scores, image_scores = scorer.score(embeddings)
     for i in range(3):

@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 
 from conftest import ROOT, compose_config, tracked, train_command
 from mlflow_server import mlflow_server
+from patchlab.artifacts import BANK_FILE
 from patchlab.bank_io import load_model, read_bank
 from patchlab.metrics import evaluate
-from patchlab.pipeline import BANK_FILE
 from patchlab.tracking import tracking_uri
 from synthetic import MVTEC_CATEGORIES, make_category
 

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import compose_config
+from patchlab.artifacts import BANK_FILE
 from patchlab.bank_io import read_bank
 from patchlab.lightning_module import TestOutputs
-from patchlab.pipeline import BANK_FILE, run
+from patchlab.pipeline import run
 from patchlab.tuning.postprocess import PostProcessing, binarize
 from patchlab.tuning.split import stratified_split
 from patchlab.tuning.study import run_tuning

@@ -1,4 +1,4 @@
-"""Files a run leaves in its output dir: bank, per-image scores, heatmap figures."""
+"""Files a run leaves in its output dir, by name: bank, cached test outputs, per-image scores."""
 
 import csv
 from pathlib import Path
@@ -9,6 +9,9 @@ from safetensors.torch import load_file, save_file
 from patchlab.data.datamodule import MVTecDataModule
 from patchlab.data.mvtec import Sample
 from patchlab.lightning_module import TestOutputs
+
+BANK_FILE = "memory_bank.safetensors"
+OUTPUTS_FILE = "test_outputs.safetensors"
 
 
 def read_samples(path: Path) -> list[Sample]:

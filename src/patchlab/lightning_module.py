@@ -46,7 +46,6 @@ class PatchCore(pl.LightningModule):
         blur_sigma: Gaussian sigma (pixels) applied to the upsampled anomaly map.
         feature_dtype: Storage of training patches before coreset selection.
         seed: Seeds the projection and the coreset's first pick.
-        chunk_size: Test patches per nearest-neighbour block; bounds memory.
         forward_chunk: Images per backbone forward. Bounds activation memory (a 32-image
             forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not change.
     """
@@ -63,14 +62,13 @@ class PatchCore(pl.LightningModule):
         blur_sigma: float = 4.0,
         feature_dtype: str = "float32",
         seed: int = 0,
-        chunk_size: int = 4096,
         forward_chunk: int = 8,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
         self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, coreset_dtype)
-        self.scorer = NearestNeighbourScorer(num_neighbors, chunk_size)
+        self.scorer = NearestNeighbourScorer(num_neighbors)
         self.embedding_dim = embedding_dim
         self.patch_size = patch_size
         self.blur_sigma = blur_sigma

@@ -9,15 +9,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from patchlab.artifacts import load_outputs, read_samples
+from patchlab.artifacts import OUTPUTS_FILE, load_outputs, read_samples
 from patchlab.category_figures import write_category_figures
 from patchlab.data.mvtec import ImageTransform
 from patchlab.metrics import f1_max
-from patchlab.tuning.postprocess import PostProcessing, binarize
-from patchlab.tuning.study import maps_at
+from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
 from patchlab.visualize import write_heatmaps
-
-OUTPUTS_FILE = "test_outputs.safetensors"
 
 
 def render_run(run_dir: Path) -> list[Path]:
@@ -30,15 +27,12 @@ def render_run(run_dir: Path) -> list[Path]:
     ).display
     tuning_file = run_dir / "tuning.json"
     predicted = None
+    threshold = f1_max(outputs.image_scores, outputs.labels)[1]
     if tuning_file.is_file():
         tuning = json.loads(tuning_file.read_text())
         post = PostProcessing(**tuning["post_processing"])
-        predicted, threshold = (
-            binarize(maps_at(outputs, post.sigma), post),
-            tuning["image_threshold"],
-        )
-    else:
-        threshold = f1_max(outputs.image_scores, outputs.labels)[1]
+        predicted = binarize(maps_at(outputs, post.sigma), post)
+        threshold = tuning["image_threshold"]
     figures = cfg.figures
     paths = write_heatmaps(
         outputs,

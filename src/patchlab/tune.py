@@ -17,8 +17,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from patchlab.artifacts import load_outputs
-from patchlab.pipeline import OUTPUTS_FILE
+from patchlab.artifacts import OUTPUTS_FILE, load_outputs
 from patchlab.tracking import tracking_uri, tracking_uri_set
 from patchlab.tuning.study import tune_and_log
 

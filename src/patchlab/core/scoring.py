@@ -32,18 +32,17 @@ class NearestNeighbourScorer:
     The all-patches search runs through faiss's exact `IndexFlatL2`, which fuses the distance
     products with the arg-min in cache-sized blocks: twice as fast as the chunked torch path
     here, with memory bounded by its blocks. faiss reads the tensors' memory without copying.
+    Only the reweighting's small bank-to-bank search (one anchor per image) uses the torch path.
 
     Args:
         num_neighbors: Bank neighbourhood size b of the reweighting (paper eq. 7); 1 turns
             reweighting off and the image score is the largest patch score.
-        chunk_size: Queries per distance block, bounding memory.
     """
 
-    def __init__(self, num_neighbors: int = 9, chunk_size: int = 4096) -> None:
+    def __init__(self, num_neighbors: int = 9) -> None:
         if num_neighbors < 1:
             raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
         self.num_neighbors = num_neighbors
-        self.chunk_size = chunk_size
         self.bank = torch.empty(0, 0)
         self.index: faiss.IndexFlatL2 | None = None
 
@@ -72,7 +71,7 @@ class NearestNeighbourScorer:
         top_features = embeddings[rows, top_patch].float()
         anchor = self.bank[nearest[rows, top_patch]]
         # N_b(m*): the anchor's own neighbourhood in the bank, the anchor itself first.
-        _, support = nearest_neighbours(anchor, self.bank, self.num_neighbors, self.chunk_size)
+        _, support = nearest_neighbours(anchor, self.bank, self.num_neighbors)
         support_dist = (top_features.unsqueeze(1) - self.bank[support]).norm(dim=2)
         weight = 1 - torch.softmax(support_dist, dim=1)[:, 0]
         return patch_scores, weight * top_score

@@ -7,6 +7,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from patchlab.core.scoring import anomaly_maps
+from patchlab.lightning_module import TestOutputs
+
 
 @dataclass(frozen=True)
 class PostProcessing:
@@ -22,6 +25,11 @@ class PostProcessing:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def maps_at(outputs: TestOutputs, sigma: float) -> torch.Tensor:
+    """(N, H, W) anomaly maps re-blurred at `sigma` from the cached patch scores."""
+    return anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
 
 
 def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:

@@ -13,11 +13,10 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.scoring import anomaly_maps
 from patchlab.lightning_module import TestOutputs
 from patchlab.metrics import f1_max
 from patchlab.tracking import log_metrics, log_params
-from patchlab.tuning.postprocess import PostProcessing, binarize, pixel_scores
+from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, pixel_scores
 from patchlab.tuning.split import stratified_split
 
 
@@ -39,11 +38,6 @@ def _subset(outputs: TestOutputs, index: torch.Tensor) -> TestOutputs:
     return TestOutputs(
         **{name: getattr(outputs, name)[index] for name in TestOutputs.__dataclass_fields__}
     )
-
-
-def maps_at(outputs: TestOutputs, sigma: float) -> torch.Tensor:
-    """(N, H, W) anomaly maps re-blurred at `sigma` from the cached patch scores."""
-    return anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
 
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
@@ -95,15 +89,8 @@ def tune(
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
     )
-    study.enqueue_trial(
-        {
-            "sigma": baseline.sigma,
-            "threshold": baseline.threshold,
-            "open_radius": 0,
-            "close_radius": 0,
-            "min_area": 0,
-        }
-    )
+    # The threshold-only optimum, in the search space's own terms (morphology off).
+    study.enqueue_trial({name: getattr(baseline, name) for name in space})
     study.optimize(_objective(validation, space), n_trials=config.n_trials, show_progress_bar=True)
     best = normalised(maps_at(validation, study.best_params["sigma"]), **study.best_params)
     return study, best, baseline_f1
