@@ -114,15 +114,17 @@ def stages(overrides: list[str]) -> None:
         torch.cat(masks),
     )
     forward = watch.seconds["test: backbone forward"]
-    overhead = sum(
-        v
-        for k, v in watch.seconds.items()
-        if k.startswith("test:") and "forward" not in k and "decode" not in k
-    )
+    test = {k.removeprefix("test: "): v for k, v in watch.seconds.items() if k.startswith("test:")}
+    inference = sum(test[k] for k in ("patch aggregation", "scoring", "map upsampling+blur"))
     print("\nper stage (s):")
     for stage, seconds in watch.seconds.items():
         print(f"  {stage:38s} {seconds:8.2f}")
-    print(f"  test overhead (aggregation+scoring+maps+metrics) / forward: {overhead / forward:.0%}")
+    evaluation = inference + test["metrics"]
+    everything = sum(test.values()) - forward
+    print("test time beside the forward, as a share of the forward:")
+    print(f"  aggregation + scoring + maps (inference) {inference / forward:6.0%}")
+    print(f"  + metrics (evaluation)                   {evaluation / forward:6.0%}")
+    print(f"  + waiting on decode (everything)         {everything / forward:6.0%}")
     print(f"  bank: {tuple(bank.shape)}")
 
 

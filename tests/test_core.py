@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from patchlab.core.coreset import GreedyCoresetSampler, random_projection
 from patchlab.core.patches import aggregate_patches, flatten_patches
@@ -123,6 +124,33 @@ def test_scorer_without_reweighting_takes_the_top_patch() -> None:
     assert patch_scores.tolist() == [[5.0, 1.0]] and image_scores.tolist() == [5.0]
 
 
+def test_ivf_visiting_every_cell_is_exact() -> None:
+    generator = torch.Generator().manual_seed(5)
+    bank = torch.randn(256, 16, generator=generator)
+    embeddings = torch.randn(2, 64, 16, generator=generator)
+    exact, approximate = NearestNeighbourScorer(9), NearestNeighbourScorer(9, "ivf", 4, 4)
+    exact.fit(bank)
+    approximate.fit(bank)
+    for got, expected in zip(approximate.score(embeddings), exact.score(embeddings), strict=True):
+        torch.testing.assert_close(got, expected)
+
+
+def test_ivf_only_overestimates_and_mostly_finds_the_neighbour() -> None:
+    # Patches drawn near bank entries, as test patches of good parts are.
+    generator = torch.Generator().manual_seed(6)
+    bank = torch.randn(4096, 32, generator=generator)
+    picks = torch.randint(0, 4096, (2000,), generator=generator)
+    embeddings = (bank[picks] + 0.3 * torch.randn(2000, 32, generator=generator)).view(4, 500, 32)
+    exact, approximate = NearestNeighbourScorer(1), NearestNeighbourScorer(1, "ivf", None, 8)
+    exact.fit(bank)
+    approximate.fit(bank)
+    expected, _ = exact.score(embeddings)
+    got, _ = approximate.score(embeddings)
+    assert approximate.index.nlist == 64 and approximate.index.nprobe == 8
+    assert (got >= expected - 1e-4).all()
+    assert (got - expected).abs().lt(1e-4).float().mean() > 0.99
+
+
 def test_num_neighbors_larger_than_bank_is_rejected() -> None:
     with pytest.raises(ValueError, match="num_neighbors=9 is larger than the memory bank"):
         NearestNeighbourScorer(9).fit(torch.randn(5, 3))
@@ -135,6 +163,20 @@ def test_patch_aggregation_resizes_to_the_finest_grid() -> None:
     assert aggregate_patches(features, embedding_dim=10).shape == (2, 10, 16, 16)
     assert flatten_patches(embedding).shape == (2, 256, 20)
     torch.testing.assert_close(flatten_patches(embedding)[1, 17], embedding[1, :, 1, 1])
+
+
+def test_anomaly_maps_equal_upsampling_then_2d_blur() -> None:
+    """The separable-operator form against the direct pipeline it replaces."""
+    grid = torch.rand(3, 7, 9, generator=torch.Generator().manual_seed(7)) * 40
+    sigma, radius = 2.0, 8
+    upsampled = F.interpolate(grid[:, None], size=(40, 50), mode="bilinear", align_corners=False)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = (kernel[:, None] * kernel[None, :]) / kernel.sum() ** 2
+    padded = F.pad(upsampled, (radius,) * 4, mode="reflect")
+    expected = F.conv2d(padded, kernel[None, None])[:, 0]
+    torch.testing.assert_close(anomaly_maps(grid, (40, 50), sigma), expected)
+    torch.testing.assert_close(anomaly_maps(grid, (40, 50), 0.0), upsampled[:, 0])
 
 
 def test_anomaly_map_is_upsampled_and_blurred() -> None:

@@ -47,13 +47,16 @@ def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> No
         ("model.coreset_ratio=0", "coreset_ratio must be in"),
         ("model.coreset_ratio=1.5", "coreset_ratio must be in"),
         ("model.num_neighbors=500", "num_neighbors=500 is larger than the memory bank"),
+        ("model.search=ivf model.ivf_lists=100000", "ivf_lists=100000 is larger than the memory"),
+        ("model.search=fast", "model.search must be 'exact' or 'ivf'"),
+        ("model.search=ivf model.ivf_probes=0", "ivf_probes must be >= 1"),
         ("backbone.layers=[layer9]", "Unknown feature layer"),
         ("backbone.name=not_a_model", "Unknown backbone.name"),
         ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),
     ],
 )
 def test_bad_config_fails_before_fitting(synthetic_root, tmp_path, override, message) -> None:
-    config = compose_config([f"data.root={synthetic_root}", override])
+    config = compose_config([f"data.root={synthetic_root}", *override.split()])
     with pytest.raises(Exception, match=message):
         run(config, tmp_path)
     assert not (tmp_path / "metrics.json").exists()

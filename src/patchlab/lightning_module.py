@@ -48,6 +48,9 @@ class PatchCore(pl.LightningModule):
         seed: Seeds the projection and the coreset's first pick.
         forward_chunk: Images per backbone forward. Bounds activation memory (a 32-image
             forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not change.
+        search: Nearest-neighbour search at test time, "exact" or "ivf" (approximate, faster).
+        ivf_lists: Cells of the "ivf" index; None picks one per 64 bank entries.
+        ivf_probes: Cells the "ivf" search visits per patch.
     """
 
     def __init__(
@@ -63,12 +66,15 @@ class PatchCore(pl.LightningModule):
         feature_dtype: str = "float32",
         seed: int = 0,
         forward_chunk: int = 8,
+        search: str = "exact",
+        ivf_lists: int | None = None,
+        ivf_probes: int = 8,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
         self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, coreset_dtype)
-        self.scorer = NearestNeighbourScorer(num_neighbors)
+        self.scorer = NearestNeighbourScorer(num_neighbors, search, ivf_lists, ivf_probes)
         self.embedding_dim = embedding_dim
         self.patch_size = patch_size
         self.blur_sigma = blur_sigma

@@ -24,16 +24,21 @@ log = logging.getLogger(__name__)
 
 
 def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
-    """Fails before feature extraction when k-NN reweighting would need more bank than exists."""
+    """Fails before feature extraction when the search would need more bank than exists."""
     grid = datamodule.crop_size // model.backbone.strides[0]
     patches = len(datamodule.train_samples) * grid * grid
     bank = max(1, int(patches * model.sampler.ratio))
-    if model.scorer.num_neighbors > bank:
-        raise ValueError(
-            f"model.num_neighbors={model.scorer.num_neighbors} is larger than the memory bank "
-            f"this run would build ({bank} patches from {patches}); lower model.num_neighbors "
-            "or raise model.coreset_ratio"
-        )
+    scorer = model.scorer
+    needs = [("num_neighbors", scorer.num_neighbors)]
+    if scorer.search == "ivf" and scorer.ivf_lists is not None:
+        needs.append(("ivf_lists", scorer.ivf_lists))
+    for name, value in needs:
+        if value > bank:
+            raise ValueError(
+                f"model.{name}={value} is larger than the memory bank this run would build "
+                f"({bank} patches from {patches}); lower model.{name} or raise "
+                "model.coreset_ratio"
+            )
 
 
 def build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
