@@ -152,32 +152,39 @@ def growth(sizes: list[int], seconds: list[float]) -> float:
     )
 
 
+def timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
 def scaling(dim: int, steps: int, queries: int) -> None:
     """Coreset seconds per selected point and scoring seconds, against bank size N."""
     sizes = [50_000, 100_000, 200_000, 400_000, 800_000]
-    per_step, scoring = [], []
+    per_step, exact, ivf = [], [], []
     print(
         f"\nscaling on synthetic features, D={dim}: "
-        f"coreset ({steps} steps), scoring ({queries} patches)"
+        f"coreset ({steps} steps), scoring ({queries} patches), exact and model.search=ivf"
     )
+    patches = torch.randn(1, queries, dim)
     for size in sizes:
         features = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
         sampler = GreedyCoresetSampler(steps / size, progress=False)
-        start = time.perf_counter()
-        sampler.select(features, torch.Generator().manual_seed(0))
-        per_step.append((time.perf_counter() - start) / steps)
+        per_step.append(timed(sampler.select, features, torch.Generator().manual_seed(0)) / steps)
         scorer = NearestNeighbourScorer(9)
         scorer.fit(features)
-        start = time.perf_counter()
-        scorer.score(torch.randn(1, queries, dim))
-        scoring.append(time.perf_counter() - start)
+        exact.append(timed(scorer.score, patches))
+        scorer = NearestNeighbourScorer(9, "ivf")
+        build = timed(scorer.fit, features)
+        ivf.append(timed(scorer.score, patches))
         print(
             f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step"
-            f"   scoring {scoring[-1]:7.2f} s"
+            f"   scoring exact {exact[-1]:6.2f} s, ivf {ivf[-1]:6.2f} s"
+            f" ({scorer.index.nlist} cells, built in {build:5.1f} s)"
         )
     print(
         f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, "
-        f"scoring {growth(sizes, scoring):.2f} (1.0 = linear)"
+        f"scoring exact {growth(sizes, exact):.2f}, ivf {growth(sizes, ivf):.2f} (1.0 = linear)"
     )
 
 

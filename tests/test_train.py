@@ -35,6 +35,16 @@ def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
     assert model.outputs.maps.shape == (9, 64, 64)
 
 
+def test_ivf_search_visiting_every_cell_reproduces_exact(synthetic_root, tmp_path) -> None:
+    root = f"data.root={synthetic_root}"
+    exact, _, _ = run(compose_config([root]), tmp_path / "exact")
+    ivf = compose_config([root, "model.search=ivf", "model.ivf_probes=64"])
+    approximate, model, _ = run(ivf, tmp_path / "ivf")
+    assert model.scorer.index.nprobe == model.scorer.index.nlist > 1
+    for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro"):
+        assert approximate[key] == pytest.approx(exact[key], abs=1e-4), key
+
+
 def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> None:
     config = compose_config([f"data.root={synthetic_root}", "category.name=my_part"])
     metrics, _, _ = run(config, tmp_path)

@@ -49,7 +49,7 @@ class PatchCore(pl.LightningModule):
         forward_chunk: Images per backbone forward. Bounds activation memory (a 32-image
             forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not change.
         search: Nearest-neighbour search at test time, "exact" or "ivf" (approximate, faster).
-        ivf_lists: Cells of the "ivf" index; None picks one per 64 bank entries.
+        ivf_lists: Cells of the "ivf" index; None picks 2 sqrt(bank size).
         ivf_probes: Cells the "ivf" search visits per patch.
     """
 

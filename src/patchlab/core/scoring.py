@@ -1,5 +1,7 @@
 """Nearest-neighbour patch scores, the paper's image-score reweighting, and anomaly maps."""
 
+import math
+
 import faiss
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,9 @@ class NearestNeighbourScorer:
         num_neighbors: Bank neighbourhood size b of the reweighting (paper eq. 7); 1 turns
             reweighting off and the image score is the largest patch score.
         search: "exact" or "ivf".
-        ivf_lists: Number of cells; None picks one cell per 64 bank entries.
+        ivf_lists: Number of cells; None picks 2 sqrt(bank size) (256 for a 16k bank), at
+            most one per 39 entries. Growing with the square root keeps both the k-means
+            training and the per-patch scan small on big banks.
         ivf_probes: Cells searched per patch; more is slower and closer to exact.
     """
 
@@ -80,11 +84,12 @@ class NearestNeighbourScorer:
         if self.search == "exact":
             self.index = faiss.IndexFlatL2(dim)
         else:
-            lists = self.ivf_lists or max(1, size // 64)
+            # faiss's k-means wants at least 39 training entries per cell.
+            lists = self.ivf_lists or max(1, min(round(2 * math.sqrt(size)), size // 39))
             if lists > size:
                 raise ValueError(
                     f"model.ivf_lists={lists} is larger than the memory bank ({size} patches); "
-                    "lower it or leave it null to pick one cell per 64 entries"
+                    "lower it or leave it null to pick 2 sqrt(bank size)"
                 )
             self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
             self.index.train(self.bank.numpy())
