@@ -6,11 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import ROOT, tracked
+from patchlab.category_figures import CURVE_POINTS, _curve
 from patchlab.render import render_run
 from patchlab.report import build_report
 from patchlab.summary import TABLE_METRICS
@@ -21,6 +25,21 @@ EXPECTED_SIZES = {  # (width, height) in pixels: figure inches x dpi
     "figures/pixel_pr_curve.png": (540, 495),
     "figures/failure_cases.png": (1188, 450),
 }
+
+
+def test_drawn_curves_are_thinned_from_the_exact_ones() -> None:
+    """A pixel-sized input: a few hundred points to draw, still tracing the exact curve."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.rand(300_000, generator=generator) < 0.05
+    scores = torch.randn(300_000, generator=generator) + 2.5 * labels
+    fpr, tpr = _curve(scores, labels, "roc")
+    assert 100 < len(fpr) <= CURVE_POINTS + 2
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-3)
+    recall, precision = _curve(scores, labels, "pr")
+    assert 100 < len(recall) <= CURVE_POINTS + 2 and recall[0] == 1 and recall[-1] == 0
+    area = -np.trapezoid(precision, recall)
+    assert area == pytest.approx(average_precision_score(labels, scores), abs=5e-3)
 
 
 @pytest.fixture(scope="module")
