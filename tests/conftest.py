@@ -1,6 +1,9 @@
 """Shared fixtures: real Hydra configs pointed at synthetic data and a temporary folder."""
 
+import hashlib
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +31,49 @@ TEST_OVERRIDES = [
 ]
 
 
+# The project's own stores, which a test run must leave exactly as it found them.
+USER_STATE = ("mlruns", "outputs", "multirun", "reports")
+_session_store: list[Path] = []
+
+
 def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The real config; MLflow and Optuna stores default to the session's tmp dir, never the
+    project's mlruns/ (a test's own `tracking.root=` still wins)."""
+    store = [f"tracking.root={_session_store[0]}"] if _session_store else []
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return compose("config", overrides=TEST_OVERRIDES + (overrides or []))
+        return compose("config", overrides=TEST_OVERRIDES + store + (overrides or []))
+
+
+def _fingerprint(path: Path) -> str:
+    """sha256 of the bytes; a big artifact (a developer's real bank) by size and mtime."""
+    stat = path.stat()
+    if stat.st_size > 50_000_000:
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _snapshot(folders: tuple[str, ...]) -> dict[str, str]:
+    """Every file under the project's user-state folders, by content."""
+    files = (p for name in folders for p in (ROOT / name).rglob("*") if p.is_file())
+    return {str(p.relative_to(ROOT)): _fingerprint(p) for p in files}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def project_state_untouched(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Fails the session if any test wrote into the project's mlruns/, outputs/ or multirun/.
+
+    Also drops MLFLOW_TRACKING_URI, so a developer's own server never receives test runs.
+    """
+    before = _snapshot(USER_STATE)
+    saved_uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
+    _session_store.append(tmp_path_factory.mktemp("mlruns"))
+    yield
+    _session_store.clear()
+    if saved_uri is not None:
+        os.environ["MLFLOW_TRACKING_URI"] = saved_uri
+    after = _snapshot(USER_STATE)
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"tests wrote into the project's own folders: {changed[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -65,6 +108,7 @@ def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
         f"data.root={root}",
         f"hydra.run.dir={tmp_path}/run",
         f"hydra.sweep.dir={tmp_path}/multirun",
+        f"tracking.root={tmp_path}/mlruns",
     ]
 
 

@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config, tracked, train_command
 from mlflow_server import mlflow_server
@@ -61,10 +62,11 @@ def test_embedded_store_gets_params_metrics_and_artifacts(synthetic_root, tmp_pa
     check_run(f"sqlite:///{store / 'mlflow.db'}", metrics)
 
 
-def test_default_uri_is_the_sqlite_store_under_mlruns(monkeypatch) -> None:
+def test_default_uri_is_the_sqlite_store_under_mlruns(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = compose_config([])
-    assert tracking_uri(cfg.tracking) == f"sqlite:///{Path('mlruns').resolve() / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)  # the default store is relative to where the user runs
+    default = OmegaConf.load(ROOT / "conf" / "tracking" / "mlflow.yaml")
+    assert tracking_uri(default) == f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     assert tracking_uri(compose_config(["tracking.uri=http://x:5000"]).tracking) == "http://x:5000"
 
 
