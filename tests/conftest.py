@@ -99,12 +99,16 @@ def real_data_root() -> Path:
 
 
 def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
-    """train.py in a subprocess, as a user runs it, on synthetic data under tmp_path."""
+    """train.py in a subprocess, as a user runs it, on synthetic data under tmp_path.
+
+    The loader keeps its default worker processes, as in a user's run: in-process tests
+    turn them off for speed, which once hid a launcher that could not start them.
+    """
     return [
         sys.executable,
         str(ROOT / "train.py"),
         *args,
-        *TEST_OVERRIDES,
+        *(o for o in TEST_OVERRIDES if not o.startswith("data.num_workers")),
         f"data.root={root}",
         f"hydra.run.dir={tmp_path}/run",
         f"hydra.sweep.dir={tmp_path}/multirun",

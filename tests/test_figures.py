@@ -87,9 +87,7 @@ def test_rendering_is_headless_and_deterministic(tracked_run_dir: Path) -> None:
 
 def test_report_table_equals_the_metrics_in_mlflow(tracked_run_dir: Path) -> None:
     client = MlflowClient(f"sqlite:///{tracked_run_dir / 'mlruns' / 'mlflow.db'}")
-    table, markdown, page = build_report(
-        client, "patchcore", None, tracked_run_dir / "report", "http://127.0.0.1:5000"
-    )
+    table, markdown, page = build_report(client, "patchcore", tracked_run_dir / "report")
     (run,) = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
     for metric in TABLE_METRICS:
         logged = run.data.metrics[metric]

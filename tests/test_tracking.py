@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 import urllib.request
 import warnings
 from pathlib import Path
@@ -156,40 +157,85 @@ def test_fifteen_category_sweep_lands_in_the_store_and_the_ui(tmp_path) -> None:
     assert sorted(t["category"] for t in tags if "category" in t) == sorted(MVTEC_CATEGORIES)
     assert sum(t.get("summary") == "true" for t in tags) == 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    one = next(r for r in runs if r["info"]["run_name"] == "bottle")["info"]["run_id"]
+    one = next(r for r in runs if r["info"]["run_name"].startswith("bottle "))["info"]["run_id"]
     assert ".hydra/config.yaml" in artifact_paths(client._tracking_client.tracking_uri, one)
     assert len({t["sweep"] for t in tags}) == 1
 
 
+def sweep_runs(store: Path) -> tuple[MlflowClient, list[mlflow.entities.Run]]:
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("patchcore")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    return client, client.search_runs([experiment.experiment_id])
+
+
 @pytest.mark.slow
-def test_parallel_jobs_and_a_failing_category(tmp_path) -> None:
-    root = tmp_path / "mvtec"
-    for seed, name in enumerate(("bottle", "cable", "capsule")):
+def test_readme_joblib_sweep_over_own_part_names(tmp_path) -> None:
+    """The README's parallel sweep, default loader workers, names the seed has never seen."""
+    root = tmp_path / "parts"
+    names = ("gear", "hinge", "valve")
+    for seed, name in enumerate(names):
         make_category(root, name, size=32, train=4, good=1, defects=1, seed=seed)
-    for image in (root / "cable" / "train" / "good").iterdir():
+    command = train_command(root, tmp_path, "-m", f"category.name={','.join(names)}")
+    command += ["data.resize=32", "data.crop_size=32", "hydra/launcher=joblib"]
+    command += ["hydra.launcher.n_jobs=3"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = sweep_runs(tmp_path / "mlruns")
+    (parent,) = [r for r in runs if "category" not in r.data.tags]
+    jobs = [r for r in runs if "category" in r.data.tags]
+    assert sorted(r.data.tags["category"] for r in jobs) == list(names)
+    for job in jobs:
+        assert job.info.status == "FINISHED" and "image_auroc" in job.data.metrics
+        assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert job.info.run_name.startswith(f"{job.data.tags['category']} resnet18 r0.25")
+        inputs = {i.tags[0].value: i.dataset for i in job.inputs.dataset_inputs}
+        assert set(inputs) == {"train", "test"}
+        assert inputs["train"].name == job.data.tags["category"] and inputs["train"].digest
+        assert '"num_rows": 4' in inputs["train"].profile
+    assert parent.info.status == "FINISHED" and parent.data.metrics["failed_categories"] == 0
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert logged >= {"summary.csv", "summary.md", "summary_bars.png", "summary_heatmap.png"}
+    scores = (tmp_path / "multirun" / "gear" / "scores.csv").read_text().splitlines()
+    assert Path(scores[1].split(",")[0]).is_absolute()
+
+
+@pytest.mark.slow
+def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None:
+    root = tmp_path / "parts"
+    for seed, name in enumerate(("gear", "hinge", "valve")):
+        make_category(root, name, size=32, train=4, good=1, defects=1, seed=seed)
+    for image in (root / "hinge" / "train" / "good").iterdir():
         image.unlink()
-    command = train_command(root, tmp_path, "-m", "category=bottle,cable,capsule")
-    command += [
-        "data.resize=32",
-        "data.crop_size=32",
-        f"tracking.root={tmp_path}/mlruns",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-    ]
+    command = train_command(root, tmp_path, "-m", "category.name=gear,hinge,valve")
+    command += ["data.resize=32", "data.crop_size=32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1, result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
-    status = {r.data.tags.get("category", "summary"): r.info.status for r in runs}
-    assert status == {
-        "bottle": "FINISHED",
-        "capsule": "FINISHED",
-        "cable": "FAILED",
-        "summary": "FINISHED",
-    }
-    failed = next(r for r in runs if r.data.tags.get("category") == "cable")
-    assert "No training images" in failed.data.tags["error"]
-    assert (
-        "**cable FAILED**: ValueError: No training images"
-        in (tmp_path / "multirun" / "summary.md").read_text()
+    _, runs = sweep_runs(tmp_path / "mlruns")
+    status = {r.data.tags.get("category", "sweep"): r.info.status for r in runs}
+    assert status == {"gear": "FINISHED", "valve": "FINISHED", "hinge": "FAILED", "sweep": "FAILED"}
+    failed = next(r for r in runs if r.data.tags.get("category") == "hinge")
+    assert failed.data.tags["error"].startswith("ValueError: No training images")
+    summary = (tmp_path / "multirun" / "summary.md").read_text()
+    assert "| mean | 2/3 ok |" in summary and "**hinge FAILED**: ValueError: No training" in summary
+    assert "seed_" not in summary  # the seed has no numbers for these parts
+    assert (tmp_path / "multirun" / "summary_bars.png").stat().st_size > 10_000
+    report = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patchlab.report",
+            f"--sweep={tmp_path / 'multirun'}",
+            f"--tracking-uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
+            f"--out={tmp_path / 'report'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
+    assert report.returncode == 0, report.stderr[-3000:]
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert "| mean | 2/3 ok |" in markdown and "| hinge | FAILED |" in markdown
+    assert "**hinge FAILED**: ValueError: No training images" in markdown
+    assert (tmp_path / "report" / "assets" / "summary_bars.png").stat().st_size > 10_000
+    assert "resnet18" in markdown and "32/32" in markdown  # the settings that tell runs apart

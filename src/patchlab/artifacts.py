@@ -21,12 +21,15 @@ def read_samples(path: Path) -> list[Sample]:
 
 
 def write_scores_csv(outputs: TestOutputs, datamodule: MVTecDataModule, path: Path) -> None:
-    """One row per test image: where it is, what it is, and how anomalous the model found it."""
+    """One row per test image: where it is (absolute, so the file works from any folder), what
+    it is, and how anomalous the model found it."""
     with path.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "defect_type", "label", "image_score"])
         for sample, score in zip(datamodule.test_samples, outputs.image_scores, strict=True):
-            writer.writerow([str(sample.image), sample.defect_type, sample.label, float(score)])
+            writer.writerow(
+                [str(sample.image.resolve()), sample.defect_type, sample.label, float(score)]
+            )
 
 
 def showcase_order(outputs: TestOutputs, selection: str = "failures") -> list[int]:

@@ -16,7 +16,7 @@ from patchlab.data.datamodule import MVTecDataModule
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
 from patchlab.render import render_run
-from patchlab.tracking import log_metrics
+from patchlab.tracking import log_datasets, log_metrics
 from patchlab.tuning.study import tune_and_log
 from patchlab.tuning.synthetic import synthetic_validation
 
@@ -68,6 +68,8 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model, trainer = build(cfg)
+    splits = {"train": datamodule.train_samples, "test": datamodule.test_samples}
+    log_datasets(cfg.category.name, splits)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start

@@ -1,16 +1,20 @@
-"""An HTML and a markdown report of an MLflow experiment (or one sweep of it).
+"""An HTML and a markdown report of chosen MLflow runs: results against the seed, settings,
+failures, and each run's figures.
 
-    python -m patchlab.report --experiment patchcore [--sweep SWEEP_DIR] [--out reports/patchcore]
+    python -m patchlab.report [--experiment patchcore] [--out reports/patchcore]
+        [--sweep multirun/2026-11-29_10-00-00 | --run-ids ID [ID ...] |
+         --filter "params.backbone.name = 'tf_efficientnet_lite2'"]
 
-Every number comes from MLflow (the latest finished run per category), not recomputed; the
-figures are the runs' own artifacts. The HTML embeds its images, so it is one file to share.
+Without a selection the report shows the newest finished run of each category. With one it
+shows every matching category run, failed ones included. Every number comes from MLflow, and
+the figures are the runs' own artifacts. The HTML embeds its images, so it is one file to share.
 """
 
 import argparse
 import base64
 import html
-import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +22,18 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from patchlab.summary import TABLE_METRICS, bar_chart, compare, heatmap, to_markdown
+from patchlab.summary import (
+    TABLE_METRICS,
+    bar_chart,
+    compare,
+    config_columns,
+    display_frame,
+    failures,
+    heatmap,
+    result_columns,
+    setting_columns,
+    to_markdown,
+)
 from patchlab.tracking import tracking_uri
 
 CATEGORY_FIGURES = (
@@ -27,75 +42,141 @@ CATEGORY_FIGURES = (
     "pixel_pr_curve.png",
     "failure_cases.png",
 )
+CONFIG_PARAMS = (
+    "category.name",
+    "backbone.name",
+    "backbone.layers",
+    "model.coreset_ratio",
+    "model.num_neighbors",
+    "data.resize",
+    "data.crop_size",
+)
+LOCAL_UI = "http://127.0.0.1:5000"
+STYLE = (
+    "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
+    ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
+    "td,th{border:1px solid #ccc;padding:2px 5px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3}img{max-width:100%}.failed{color:#b00020}"
+)
 
 
-def latest_runs(client: MlflowClient, experiment: str, sweep: str | None) -> list[Run]:
-    """The newest finished run of each category, optionally within one sweep."""
+def select_runs(
+    client: MlflowClient,
+    experiment: str,
+    sweep: str | None = None,
+    run_ids: list[str] | None = None,
+    filter_string: str | None = None,
+) -> tuple[list[Run], str]:
+    """The category runs to report, and a sentence saying how they were chosen."""
+    if run_ids:
+        return [client.get_run(run_id) for run_id in run_ids], f"runs {', '.join(run_ids)}"
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"No MLflow experiment named {experiment!r} at {client.tracking_uri}")
-    query = "attributes.status = 'FINISHED' and tags.category != ''"
+    query, chosen = "tags.category != ''", []
     if sweep:
         query += f" and tags.sweep = '{Path(sweep).resolve()}'"
-    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time DESC"])
-    latest: dict[str, Run] = {}
-    for run in runs:
-        latest.setdefault(run.data.tags["category"], run)
-    return [latest[name] for name in sorted(latest)]
+        chosen.append(f"sweep {sweep}")
+    if filter_string:
+        query += f" and {filter_string}"
+        chosen.append(f"filter `{filter_string}`")
+    runs = client.search_runs([found.experiment_id], query, order_by=["attributes.start_time"])
+    runs = [r for r in runs if r.info.status != "RUNNING"]
+    if chosen:
+        return runs, "every category run of " + " and ".join(chosen)
+    latest = {r.data.tags["category"]: r for r in runs if r.info.status == "FINISHED"}
+    return [latest[name] for name in sorted(latest)], "the newest finished run of each category"
+
+
+def _row(run: Run) -> dict:
+    params = run.data.params
+    row = {
+        "seed_key": run.data.tags["category"],
+        "status": "ok" if run.info.status == "FINISHED" else run.info.status,
+        "started": datetime.fromtimestamp(run.info.start_time / 1000).strftime("%Y-%m-%d %H:%M"),
+        "error": run.data.tags.get("error", ""),
+        **{k: run.data.metrics[k] for k in TABLE_METRICS if k in run.data.metrics},
+    }
+    if all(key in params for key in CONFIG_PARAMS):
+        cfg = OmegaConf.from_dotlist([f"{key}={params[key]}" for key in CONFIG_PARAMS])
+        row |= config_columns(cfg)
+    return row
 
 
 def metrics_table(runs: list[Run]) -> pd.DataFrame:
-    rows = [
-        {
-            "category": r.data.tags["category"],
-            "status": "ok",
-            **{k: r.data.metrics.get(k, float("nan")) for k in (*TABLE_METRICS, "pixel_f1")},
-        }
-        for r in runs
-    ]
-    return compare(pd.DataFrame(rows))
+    """Rows named by category, or by run name where a category appears more than once."""
+    rows = [_row(run) for run in runs]
+    categories = [row["seed_key"] for row in rows]
+    unique = len(set(categories)) == len(categories)
+    for row, run in zip(rows, runs, strict=True):
+        row["category"] = (
+            row["seed_key"] if unique else f"{run.info.run_name} {run.info.run_id[:6]}"
+        )
+    table = compare(pd.DataFrame(rows))
+    return table.rename_axis("category" if unique else "run")
+
+
+def ui_url(uri: str) -> str:
+    """A tracking server is its own UI; a local store is opened with `mlflow ui`."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def _figures(client: MlflowClient, run: Run, assets: Path, downloads: str) -> list[Path]:
+    """The run's figures/ PNGs, known ones first, copied into `assets`."""
+    names = {Path(item.path).name for item in client.list_artifacts(run.info.run_id, "figures")}
+    ordered = [n for n in CATEGORY_FIGURES if n in names] + sorted(names - set(CATEGORY_FIGURES))
+    images = []
+    for name in (n for n in ordered if n.endswith(".png")):
+        local = Path(client.download_artifacts(run.info.run_id, f"figures/{name}", downloads))
+        target = assets / f"{run.info.run_id[:8]}_{name}"
+        local.replace(target)
+        images.append(target)
+    return images
 
 
 def build_report(
-    client: MlflowClient, experiment: str, sweep: str | None, out: Path, ui_url: str
+    client: MlflowClient,
+    experiment: str,
+    out: Path,
+    sweep: str | None = None,
+    run_ids: list[str] | None = None,
+    filter_string: str | None = None,
+    ui: str | None = None,
 ) -> tuple[pd.DataFrame, Path, Path]:
-    """Writes report.md (with assets/) and report.html into `out`; returns the table too."""
-    runs = latest_runs(client, experiment, sweep)
+    """Writes report.md (with assets/) and report.html into `out`; returns the table too.
+
+    Run links point at `ui`, by default the tracking server itself or a local `mlflow ui`.
+    """
+    runs, selection = select_runs(client, experiment, sweep, run_ids, filter_string)
     if not runs:
-        raise ValueError(f"No finished category runs in experiment {experiment!r}")
+        raise ValueError(f"No category runs in experiment {experiment!r} match: {selection}")
     assets = out / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     table = metrics_table(runs)
     bar_chart(table).savefig(assets / "summary_bars.png", dpi=80)
     heatmap(table).savefig(assets / "summary_heatmap.png", dpi=80)
+    base = (ui or ui_url(client.tracking_uri)).rstrip("/")
     sections = []
-    downloads = tempfile.TemporaryDirectory()
-    for run in runs:
-        category = run.data.tags["category"]
-        link = f"{ui_url}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
-        images = []
-        for name in CATEGORY_FIGURES:
-            local = client.download_artifacts(run.info.run_id, f"figures/{name}", downloads.name)
-            target = assets / f"{category}_{name}"
-            shutil.move(local, target)
-            images.append(target)
-        sections.append((category, link, images))
-    downloads.cleanup()
-    markdown = _markdown(experiment, table, sections, out)
-    (out / "report.md").write_text(markdown)
-    (out / "report.html").write_text(_html(experiment, table, sections))
+    with tempfile.TemporaryDirectory() as downloads:
+        for name, run in zip(table.index.drop("mean"), runs, strict=True):
+            link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            sections.append((str(name), link, _figures(client, run, assets, downloads)))
+    header = f"Selection: {selection} ({len(runs)} runs, {client.tracking_uri})."
+    (out / "report.md").write_text(_markdown(experiment, header, table, sections, out))
+    (out / "report.html").write_text(_html(experiment, header, table, sections, assets))
     return table, out / "report.md", out / "report.html"
 
 
-def _markdown(experiment: str, table: pd.DataFrame, sections: list, out: Path) -> str:
+def _markdown(experiment: str, header: str, table: pd.DataFrame, sections: list, out: Path) -> str:
     lines = [
         f"# PatchCore report: {experiment}\n",
+        header + "\n",
         to_markdown(table),
         "![per-category bars](assets/summary_bars.png)\n",
         "![metric heatmap](assets/summary_heatmap.png)\n",
     ]
-    for category, link, images in sections:
-        lines.append(f"## {category}\n\n[MLflow run]({link})\n")
+    for name, link, images in sections:
+        lines.append(f"## {name}\n\n[MLflow run]({link})\n")
         lines += [f"![{p.stem}]({p.relative_to(out)})" for p in images]
         lines.append("")
     return "\n".join(lines)
@@ -106,22 +187,33 @@ def _embedded(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
-def _html(experiment: str, table: pd.DataFrame, sections: list) -> str:
-    style = (
-        "body{font-family:sans-serif;max-width:1200px;margin:auto}"
-        "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
-        "padding:3px 6px;text-align:right}img{max-width:100%}"
-    )
-    shown = table.drop(columns=["error"]).round(4).fillna("")
+def _html_table(table: pd.DataFrame, columns: list[str]) -> str:
+    shown = display_frame(table, columns)
+    return f"<div class='scroll'>{shown.reset_index().to_html(index=False)}</div>"
+
+
+def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, assets: Path) -> str:
+    title = html.escape(f"PatchCore report: {experiment}")
     parts = [
-        f"<html><head><meta charset='utf-8'><title>{html.escape(experiment)}</title>"
-        f"<style>{style}</style></head><body><h1>PatchCore report: {html.escape(experiment)}</h1>",
-        shown.to_html(),
-        _embedded(sections[0][2][0].parent / "summary_bars.png", "bars"),
-        _embedded(sections[0][2][0].parent / "summary_heatmap.png", "heatmap"),
+        f"<html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
+        f"</head><body><h1>{title}</h1><p>{html.escape(header)}</p><h2>Results</h2>",
+        _html_table(table, result_columns(table)),
     ]
-    for category, link, images in sections:
-        parts.append(f"<h2>{html.escape(category)}</h2><p><a href='{link}'>MLflow run</a></p>")
+    if setting_columns(table):
+        parts += [
+            "<h2>Settings</h2>",
+            _html_table(table.drop(index="mean"), setting_columns(table)),
+        ]
+    parts += [
+        f"<p class='failed'><b>{html.escape(n)} FAILED</b>: {html.escape(e)}</p>"
+        for n, e in failures(table)
+    ]
+    parts += [
+        _embedded(assets / "summary_bars.png", "bars"),
+        _embedded(assets / "summary_heatmap.png", "heatmap"),
+    ]
+    for name, link, images in sections:
+        parts.append(f"<h2>{html.escape(name)}</h2><p><a href='{link}'>MLflow run</a></p>")
         parts += [_embedded(p, p.stem) for p in images]
     return "\n".join([*parts, "</body></html>"])
 
@@ -131,15 +223,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--experiment", default="patchcore")
-    parser.add_argument("--sweep", default=None, help="a multirun folder: only its runs")
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--sweep", default=None, help="a multirun folder: every run of it")
+    choice.add_argument("--run-ids", nargs="+", default=None, help="these runs")
+    parser.add_argument("--filter", default=None, help="an MLflow search filter, ANDed")
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
-    parser.add_argument("--ui-url", default="http://127.0.0.1:5000", help="for the run links")
+    parser.add_argument("--ui-url", default=None, help="run links; default: the server, if any")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/<experiment>")
     args = parser.parse_args()
-    uri = args.tracking_uri or tracking_uri(OmegaConf.load(Path("conf/tracking/mlflow.yaml")))
+    uri = args.tracking_uri or tracking_uri(OmegaConf.create({"uri": None, "root": "mlruns"}))
     out = args.out or Path("reports") / args.experiment
     _, markdown, page = build_report(
-        MlflowClient(uri), args.experiment, args.sweep, out, args.ui_url
+        MlflowClient(uri), args.experiment, out, args.sweep, args.run_ids, args.filter, args.ui_url
     )
     print(f"wrote {markdown} and {page}")
 

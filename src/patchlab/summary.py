@@ -1,4 +1,8 @@
-"""Per-category table of a sweep, with the seed's numbers and the difference beside each metric."""
+"""Per-category table of a sweep, with the seed's numbers and the difference where it has them.
+
+Rows may be any part names: seed columns appear only where the seed has a number, and a
+metric a run did not produce (pixel metrics without masks) reads "-".
+"""
 
 import json
 import math
@@ -7,13 +11,40 @@ from pathlib import Path
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from patchlab.seed_results import SEED_METRICS, SEED_RESULTS
 
 # pixel_f1 is the honest figure (tuned on validation, scored on held-out images): threshold=optuna.
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1", "image_f1_max", "aupro")
+# What tells two runs of one category apart.
+CONFIG_COLUMNS = ("backbone", "layers", "coreset_ratio", "num_neighbors", "resolution")
 FAILED_FILE = "failed.json"
+MISSING = "-"
+
+
+def config_columns(cfg: DictConfig) -> dict[str, str]:
+    """The distinguishing settings of one run, as its table row shows them."""
+    return {
+        "backbone": str(cfg.backbone.name),
+        "layers": ",".join(cfg.backbone.layers),
+        "coreset_ratio": f"{cfg.model.coreset_ratio:g}",
+        "num_neighbors": str(cfg.model.num_neighbors),
+        "resolution": f"{cfg.data.resize}/{cfg.data.crop_size}",
+    }
+
+
+def _job_row(job: Path) -> dict:
+    config = job / "config.yaml"
+    cfg = OmegaConf.load(config) if config.is_file() else None
+    row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
+    row |= config_columns(cfg) if cfg else {}
+    if (job / "metrics.json").is_file():
+        return row | {"status": "ok", **json.loads((job / "metrics.json").read_text())}
+    if (job / FAILED_FILE).is_file():
+        failure = json.loads((job / FAILED_FILE).read_text())
+        return row | {"status": "FAILED", "error": failure["error"]}
+    return row | {"status": "FAILED", "error": "no result: the job ended without metrics.json"}
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
@@ -22,86 +53,136 @@ def collect(sweep_dir: Path) -> pd.DataFrame:
     Rows are named by folder (a sweep over other knobs names them apart); `seed_key` is the
     job's category, which the seed's numbers are looked up by.
     """
-    rows = []
-    for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        config = job / "config.yaml"
-        key = OmegaConf.load(config).category.name if config.is_file() else job.name
-        row = {"category": job.name, "seed_key": key}
-        if (job / "metrics.json").is_file():
-            rows.append(row | {"status": "ok", **json.loads((job / "metrics.json").read_text())})
-        elif (job / FAILED_FILE).is_file():
-            failure = json.loads((job / FAILED_FILE).read_text())
-            rows.append(row | {"status": "FAILED", "error": failure["error"]})
-    return pd.DataFrame(rows)
+    jobs = sorted(
+        p
+        for p in sweep_dir.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and any(p.iterdir())
+    )
+    return pd.DataFrame([_job_row(job) for job in jobs])
 
 
 def compare(results: pd.DataFrame) -> pd.DataFrame:
     """Adds `seed_<metric>` and `diff_<metric>` columns and a mean row over finished jobs."""
     keys = results["seed_key"] if "seed_key" in results else results["category"]
-    table = results.set_index("category").reindex(columns=["status", *TABLE_METRICS, "error"])
+    configs = setting_columns(results)
+    columns = ["status", *configs, *TABLE_METRICS, "error"]
+    table = results.set_index("category").reindex(columns=columns)
+    for metric in TABLE_METRICS:
+        table[metric] = table[metric].astype(float)
     for i, metric in enumerate(SEED_METRICS):
         table[f"seed_{metric}"] = [SEED_RESULTS.get(k, (math.nan,) * 3)[i] for k in keys]
         table[f"diff_{metric}"] = table[metric] - table[f"seed_{metric}"]
     finished = table[table["status"] == "ok"]
-    mean = finished.drop(columns=["status", "error"]).mean(numeric_only=True)
+    mean = finished.drop(columns=["status", "error", *configs]).mean(numeric_only=True)
     table.loc["mean"] = {**mean.to_dict(), "status": f"{len(finished)}/{len(table)} ok"}
     return table
 
 
-def to_markdown(table: pd.DataFrame) -> str:
-    """A GitHub table of the comparison; failed categories show their error."""
+def setting_columns(table: pd.DataFrame) -> list[str]:
+    """The settings (and start times) the rows carry."""
+    return [c for c in (*CONFIG_COLUMNS, "started") if c in table]
+
+
+def result_columns(table: pd.DataFrame) -> list[str]:
+    """Status and the metrics some row has; seed columns where the seed has a number."""
     columns = ["status"]
     for metric in TABLE_METRICS:
-        columns += [metric] + (
-            [f"seed_{metric}", f"diff_{metric}"] if metric in SEED_METRICS else []
-        )
-    lines = ["| category | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for category, row in table.iterrows():
-        cells = [_cell(row[c], c.startswith("diff_")) for c in columns]
-        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+        if table[metric].notna().any():
+            columns.append(metric)
+            if metric in SEED_METRICS and table[f"seed_{metric}"].notna().any():
+                columns += [f"seed_{metric}", f"diff_{metric}"]
+    return columns
+
+
+def cell(value: object, signed: bool = False) -> str:
+    """Four decimals for every number, signed for differences, "-" for what is absent."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return MISSING
+        return f"{value:+.4f}" if signed else f"{value:.4f}"
+    return MISSING if value is None else str(value)
+
+
+def display_frame(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """`columns` of the table as the strings both the markdown and the HTML report show."""
+    shown = pd.DataFrame(
+        {c: [cell(v, c.startswith("diff_")) for v in table[c]] for c in columns},
+        index=table.index,
+    )
+    return shown.rename_axis(table.index.name or "category")
+
+
+def failures(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(row, error) of every failed job."""
     failed = table[table["status"] == "FAILED"]
-    lines += [f"\n**{c} FAILED**: {row['error']}" for c, row in failed.iterrows()]
+    return [(str(name), str(row["error"])) for name, row in failed.iterrows()]
+
+
+def _markdown_table(shown: pd.DataFrame) -> list[str]:
+    header = [shown.index.name, *shown.columns]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    return lines + [f"| {name} | " + " | ".join(row) + " |" for name, row in shown.iterrows()]
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Results against the seed, then each row's settings; failures with their errors below."""
+    lines = _markdown_table(display_frame(table, result_columns(table)))
+    settings = setting_columns(table)
+    if settings:
+        lines += ["", *_markdown_table(display_frame(table.drop(index="mean"), settings))]
+    lines += [f"\n**{name} FAILED**: {error}" for name, error in failures(table)]
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: object, signed: bool) -> str:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:+.4f}" if signed else f"{value:.4f}"
-    return str(value)
+def _message(text: str) -> Figure:
+    figure = Figure(figsize=(6, 1.5))
+    figure.text(0.5, 0.5, text, ha="center", va="center")
+    return figure
 
 
 def bar_chart(table: pd.DataFrame) -> Figure:
-    """One panel per seed metric: this sweep's bars with the seed's value marked on each."""
+    """One panel per seed metric the runs have: bars, with the seed's value marked where known."""
     rows = table.drop(index="mean")
     rows = rows[rows["status"] == "ok"]
-    figure = Figure(figsize=(13, 9), layout="constrained")
-    for axis, metric in zip(figure.subplots(len(SEED_METRICS), 1), SEED_METRICS, strict=True):
+    metrics = [m for m in SEED_METRICS if rows[m].notna().any()]
+    if not metrics:
+        return _message("no finished runs to plot")
+    figure = Figure(figsize=(13, 3 * len(metrics)), layout="constrained")
+    axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    for axis, metric in zip(axes, metrics, strict=True):
         sns.barplot(x=rows.index, y=rows[metric], ax=axis, color="tab:blue", label="this run")
-        axis.scatter(
-            rows.index,
-            rows[f"seed_{metric}"],
-            color="black",
-            marker="_",
-            s=600,
-            linewidths=2.5,
-            label="seed",
-            zorder=3,
-        )
+        seeds = rows[f"seed_{metric}"]
+        if seeds.notna().any():
+            known = seeds.dropna()
+            axis.scatter(
+                known.index,
+                known,
+                color="black",
+                marker="_",
+                s=600,
+                linewidths=2.5,
+                label="seed",
+                zorder=3,
+            )
+        low = pd.concat([rows[metric], seeds]).min(skipna=True)
+        axis.set_ylim(max(0.0, float(low) - 0.05), 1.0)
         axis.set_ylabel(metric)
-        axis.set_ylim(max(0.0, float(rows[[metric, f"seed_{metric}"]].min().min()) - 0.05), 1.0)
         axis.tick_params(axis="x", labelrotation=30)
         axis.legend(loc="lower right")
-    figure.suptitle("Per-category results against the seed (black marks)")
+    figure.suptitle("Per-category results (black marks: the seed, where it has the category)")
     return figure
 
 
 def heatmap(table: pd.DataFrame) -> Figure:
-    """Category x metric grid of values, failed categories left blank."""
-    values = table[list(TABLE_METRICS)].astype(float)
+    """Row x metric grid of values; failed rows and absent metrics left blank."""
+    metrics = [m for m in TABLE_METRICS if table[m].notna().any()]
+    if not metrics:
+        return _message("no metrics to plot")
+    values = table[metrics].astype(float)
     figure = Figure(figsize=(8, 0.45 * len(values) + 2), layout="constrained")
     axis = figure.subplots()
     sns.heatmap(values, annot=True, fmt=".3f", cmap="viridis", vmin=0.0, vmax=1.0, ax=axis)
-    axis.set_title("Metrics by category")
+    axis.set_title("Metrics by run")
     return figure
 
 

@@ -1,4 +1,8 @@
-"""Hydra multirun glue: a failed category is recorded, not fatal; the sweep ends in a summary."""
+"""Hydra multirun glue: a failed category is recorded, not fatal; the sweep ends in a summary.
+
+With tracking on, the sweep is one MLflow run and every category job nests under it, so the
+UI groups a sweep's jobs and shows its summary on the parent.
+"""
 
 import json
 import logging
@@ -6,56 +10,83 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from hydra.experimental.callback import Callback
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
+from pandas import DataFrame
 
 from patchlab.summary import FAILED_FILE, write_summary
-from patchlab.tracking import experiment_id, tracking_uri, tracking_uri_set
+from patchlab.tracking import (
+    PARENT_RUN_FILE,
+    describe,
+    experiment_id,
+    first_error,
+    parent_run_id,
+    tracking_uri,
+)
 
 log = logging.getLogger(__name__)
 
 
 def record_failure(output_dir: Path, error: BaseException) -> None:
-    """Leaves the error in the job folder, where the sweep summary finds it."""
-    log.error("Job failed: %s", "".join(traceback.format_exception(error)))
+    """Leaves the first error (not what a teardown raised after it) where the summary finds it."""
+    first = first_error(error)
+    trace = "".join(traceback.format_exception(first))
+    log.error("Job failed: %s", trace)
     output_dir.mkdir(parents=True, exist_ok=True)
-    failure = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+    failure = {"error": describe(error), "traceback": trace}
     (output_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2))
 
 
+def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
+    """Creates the sweep's parent run and leaves its id in the sweep dir for the jobs."""
+    client = MlflowClient(tracking_uri(config.tracking))
+    tags = {"sweep": str(sweep_dir.resolve()), "summary": "true"}
+    run = client.create_run(
+        experiment_id(config.tracking), run_name=f"sweep {sweep_dir.name}", tags=tags
+    )
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
+    return run.info.run_id
+
+
+def finish_sweep_run(config: DictConfig, run_id: str, table: DataFrame, paths: list[Path]) -> None:
+    """Logs the summary on the parent run; FAILED when any category failed."""
+    client = MlflowClient(tracking_uri(config.tracking))
+    means = {
+        f"mean_{k}": float(v)
+        for k, v in table.loc["mean"].items()
+        if isinstance(v, float) and v == v
+    }
+    failed = int((table.drop(index="mean")["status"] == "FAILED").sum())
+    for key, value in (means | {"failed_categories": failed}).items():
+        client.log_metric(run_id, key, value)
+    for path in paths:
+        client.log_artifact(run_id, str(path))
+    status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    client.set_terminated(run_id, RunStatus.to_string(status))
+
+
 class SweepSummary(Callback):
-    """Creates the MLflow store before parallel jobs race for it; summarises the sweep."""
+    """Opens the sweep's MLflow run before parallel jobs start; summarises the sweep at its end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.tracking.enabled:
-            experiment_id(config.tracking)
+            start_sweep_run(config, Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        table, paths = write_summary(sweep_dir)
+        run_id = parent_run_id(str(sweep_dir)) if config.tracking.enabled else None
+        try:
+            table, paths = write_summary(sweep_dir)
+        except Exception:
+            if run_id:  # never leave the sweep's run looking as if it were still going
+                MlflowClient(tracking_uri(config.tracking)).set_terminated(run_id, "FAILED")
+            raise
         log.info("Sweep summary:\n%s", paths[1].read_text())
-        if config.tracking.enabled:
-            tags = {"sweep": str(sweep_dir.resolve()), "summary": "true"}
-            with (
-                tracking_uri_set(tracking_uri(config.tracking)),
-                mlflow.start_run(
-                    experiment_id=experiment_id(config.tracking),
-                    run_name=f"summary {sweep_dir.name}",
-                    tags=tags,
-                ),
-            ):
-                finished = table.drop(index="mean")
-                mlflow.log_metrics(
-                    {
-                        f"mean_{k}": float(v)
-                        for k, v in table.loc["mean"].items()
-                        if isinstance(v, float) and v == v
-                    }
-                )
-                mlflow.log_metric("failed_categories", int((finished["status"] == "FAILED").sum()))
-                for path in paths:
-                    mlflow.log_artifact(str(path))
+        if run_id:
+            finish_sweep_run(config, run_id, table, paths)
         failed = table[table["status"] == "FAILED"].index.tolist()
         if failed:
             # Hydra turns a callback's exception into a warning; a sweep with failures must

@@ -1,18 +1,27 @@
-"""MLflow: one run per category job, params from the config, FAILED with the error on a raise."""
+"""MLflow: one run per category job, nested under its sweep's run; FAILED with the first error."""
 
+import hashlib
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
+from patchlab.data.mvtec import Sample
+
 PACKAGES = ("torch", "torchvision", "timm", "pytorch-lightning", "mlflow", "optuna", "patchlab")
+# MLflow 3's UI opens an experiment without this tag on its GenAI traces page, not the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+PARENT_RUN_FILE = ".mlflow_parent_run"  # in the sweep dir: where every job finds its parent run
 
 
 def tracking_uri(tracking: DictConfig) -> str:
@@ -27,19 +36,58 @@ def tracking_uri(tracking: DictConfig) -> str:
 
 
 def experiment_id(tracking: DictConfig) -> str:
-    """Finds or creates the experiment; local stores keep artifacts under `tracking.root`."""
+    """Finds or creates the experiment as a model-training one; local stores keep artifacts
+    under `tracking.root`."""
     uri = tracking_uri(tracking)
     client = MlflowClient(uri)
     found = client.get_experiment_by_name(tracking.experiment)
-    if found is not None:
-        return found.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
-        location = (Path(tracking.root).resolve() / "artifacts").as_uri()
-    try:
-        return client.create_experiment(tracking.experiment, artifact_location=location)
-    except MlflowException:  # a parallel job created it first
-        return client.get_experiment_by_name(tracking.experiment).experiment_id
+    if found is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (Path(tracking.root).resolve() / "artifacts").as_uri()
+        try:
+            return client.create_experiment(
+                tracking.experiment, artifact_location=location, tags=EXPERIMENT_TAGS
+            )
+        except MlflowException:  # a parallel job created it first
+            found = client.get_experiment_by_name(tracking.experiment)
+    for key, value in EXPERIMENT_TAGS.items():
+        if found.tags.get(key) != value:  # an experiment made before, or by another tool
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def first_error(error: BaseException) -> BaseException:
+    """The exception that started a failure.
+
+    Lightning's teardown can raise a second error while handling the first (e.g. "Please
+    call iter(combined_loader) first"), which then hides the real one; an explicit
+    `raise ... from` is kept as it is, since its message was written for the user.
+    """
+    while error.__cause__ is None and error.__context__ is not None:
+        if error.__suppress_context__:
+            break
+        error = error.__context__
+    return error
+
+
+def describe(error: BaseException) -> str:
+    """`Type: message` of the failure's first error, as tags and summaries show it."""
+    first = first_error(error)
+    return f"{type(first).__name__}: {first}"
+
+
+def short_backbone(name: str) -> str:
+    """`tf_efficientnet_lite2` -> `lite2`, `efficientnet_b5` -> `b5`: short enough for a name."""
+    return name.removeprefix("tf_").removeprefix("efficientnet_")
+
+
+def run_name(cfg: DictConfig) -> str:
+    """What tells runs apart in the UI's list, e.g. `bottle lite2 r0.10 k9 224px`."""
+    return (
+        f"{cfg.category.name} {short_backbone(cfg.backbone.name)} "
+        f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {cfg.data.crop_size}px"
+    )
 
 
 def flatten(node: object, prefix: str = "") -> dict[str, str]:
@@ -101,6 +149,12 @@ def tracking_uri_set(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
+def parent_run_id(sweep: str | None) -> str | None:
+    """The sweep run this job nests under, if its sweep started one."""
+    marker = Path(sweep) / PARENT_RUN_FILE if sweep else None
+    return marker.read_text().strip() if marker and marker.is_file() else None
+
+
 @contextmanager
 def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[None]:
     tags = {
@@ -109,14 +163,17 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
         "git_commit": git_commit(),
         "sweep": sweep or "none",
     }
+    parent = parent_run_id(sweep)
+    if parent:
+        tags[MLFLOW_PARENT_RUN_ID] = parent
     with mlflow.start_run(
-        experiment_id=experiment_id(cfg.tracking), run_name=cfg.category.name, tags=tags
+        experiment_id=experiment_id(cfg.tracking), run_name=run_name(cfg), tags=tags
     ):
         mlflow.log_params(run_params(cfg))
         try:
             yield
         except Exception as error:
-            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:4000])
+            mlflow.set_tag("error", describe(error)[:4000])
             raise
         finally:
             if output_dir.is_dir():
@@ -127,6 +184,35 @@ def log_metrics(metrics: dict[str, float]) -> None:
     """Logs to the active run, if any."""
     if mlflow.active_run() is not None:
         mlflow.log_metrics(metrics)
+
+
+def log_datasets(name: str, splits: dict[str, list[Sample]]) -> None:
+    """Logs each split's image list as an MLflow dataset input (the UI's Dataset column).
+
+    Paths are relative to the folder all images share, so the digest names the same data on
+    any machine; that folder is the dataset's source.
+    """
+    if mlflow.active_run() is None:
+        return
+    everything = [s.image.resolve() for samples in splits.values() for s in samples]
+    root = Path(os.path.commonpath(everything))
+    for context, samples in splits.items():
+        frame = pd.DataFrame(
+            {
+                "path": [os.path.relpath(s.image.resolve(), root) for s in samples],
+                "defect_type": [s.defect_type for s in samples],
+                "label": [s.label for s in samples],
+            }
+        )
+        digest = hashlib.sha256(frame.to_csv(index=False).encode()).hexdigest()[:8]
+        # MLflow warns that a local path could be one of two identical source types, and
+        # that integer labels cannot hold missing values: neither concerns an image list.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(
+                frame, source=str(root), name=name, targets="label", digest=digest
+            )
+            mlflow.log_input(dataset, context=context)
 
 
 def log_params(params: dict[str, object]) -> None:

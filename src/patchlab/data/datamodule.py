@@ -1,6 +1,7 @@
 """Lightning data module over one MVTec-layout category."""
 
 import logging
+import multiprocessing
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,6 +13,16 @@ from patchlab.data.download import MANUAL_STEPS, download_mvtec
 from patchlab.data.mvtec import ImageTransform, MVTecDataset, Sample, scan_test, scan_train
 
 log = logging.getLogger(__name__)
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """The platform's standard start method for loader workers.
+
+    Inside a joblib (loky) launcher job the default context is loky's own, whose processes
+    cannot start DataLoader workers; the standard library's default for this OS (listed
+    first) works there and everywhere else.
+    """
+    return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
 
 
 class MVTecDataModule(pl.LightningDataModule):
@@ -107,6 +118,7 @@ class MVTecDataModule(pl.LightningDataModule):
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=False,
+            multiprocessing_context=worker_context() if self.num_workers > 0 else None,
         )
 
     def train_dataloader(self) -> DataLoader:
