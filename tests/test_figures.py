@@ -15,6 +15,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from conftest import ROOT, tracked
 from patchlab.category_figures import CURVE_POINTS, _curve
+from patchlab.metrics import rank
 from patchlab.render import render_run
 from patchlab.report import build_report
 from patchlab.summary import TABLE_METRICS
@@ -32,11 +33,12 @@ def test_drawn_curves_are_thinned_from_the_exact_ones() -> None:
     generator = torch.Generator().manual_seed(0)
     labels = torch.rand(300_000, generator=generator) < 0.05
     scores = torch.randn(300_000, generator=generator) + 2.5 * labels
-    fpr, tpr = _curve(scores, labels, "roc")
+    counts = rank(scores, labels)
+    fpr, tpr = _curve(counts, "roc")
     assert 100 < len(fpr) <= CURVE_POINTS + 2
     assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
     assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc_score(labels, scores), abs=1e-3)
-    recall, precision = _curve(scores, labels, "pr")
+    recall, precision = _curve(counts, "pr")
     assert 100 < len(recall) <= CURVE_POINTS + 2 and recall[0] == 1 and recall[-1] == 0
     area = -np.trapezoid(precision, recall)
     assert area == pytest.approx(average_precision_score(labels, scores), abs=5e-3)

@@ -1,11 +1,11 @@
 """Image and pixel metrics: AUROC, F1-max and AUPRO, on crop-resolution maps."""
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy import ndimage
-from torchmetrics.functional.classification import binary_auroc
 
 
 def _both_classes(labels: torch.Tensor, name: str) -> bool:
@@ -16,38 +16,76 @@ def _both_classes(labels: torch.Tensor, name: str) -> bool:
     return False
 
 
-def unit_range(scores: torch.Tensor) -> tuple[torch.Tensor, float, float]:
-    """Min-max scales to [0, 1] in float64: torchmetrics would squash raw distances by sigmoid."""
-    scores = scores.flatten().double()
-    low, high = float(scores.min()), float(scores.max())
-    return (scores - low) / max(high - low, 1e-12), low, high
+@dataclass(frozen=True)
+class RankedCounts:
+    """Exact confusion counts at every distinct score, from one descending sort.
+
+    Everything threshold-based (AUROC, F1-max, the drawn ROC and PR curves) reads these, so a
+    category's 4M pixels are sorted once, in their float32, with int32 counts.
+    """
+
+    thresholds: torch.Tensor  # (T,) distinct scores, descending
+    true_pos: torch.Tensor  # (T,) positives scoring >= each threshold
+    false_pos: torch.Tensor  # (T,) negatives scoring >= each threshold
+    positives: int
+    negatives: int
+
+    def roc(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FPR, TPR) from (0, 0) to (1, 1)."""
+        zero = torch.zeros(1)
+        fpr = torch.cat([zero, self.false_pos / max(self.negatives, 1)])
+        tpr = torch.cat([zero, self.true_pos / max(self.positives, 1)])
+        return fpr, tpr
+
+    def pr(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(recall, precision) from recall 1 down to the (0, 1) end point."""
+        recall = (self.true_pos / max(self.positives, 1)).flip(0)
+        precision = (self.true_pos / (self.true_pos + self.false_pos)).flip(0)
+        return torch.cat([recall, torch.zeros(1)]), torch.cat([precision, torch.ones(1)])
+
+    def auroc(self) -> float:
+        """Trapezoidal area, summed in float64 from the exact integer counts."""
+        zero = torch.zeros(1, dtype=torch.float64)
+        false_pos = torch.cat([zero, self.false_pos.double()])
+        true_pos = torch.cat([zero, self.true_pos.double()])
+        return float(torch.trapezoid(true_pos, false_pos)) / (self.positives * self.negatives)
+
+    def f1_max(self) -> tuple[float, float]:
+        """Best F1 and the score that reaches it: `scores >= threshold` reproduces it exactly."""
+        f1 = 2 * self.true_pos.double() / (self.true_pos + self.false_pos + self.positives)
+        best = int(f1.argmax())
+        return float(f1[best]), float(self.thresholds[best])
+
+
+def rank(scores: torch.Tensor, labels: torch.Tensor) -> RankedCounts:
+    """Sorts scores once and counts positives and negatives above each distinct score."""
+    if scores.dtype != torch.float64:  # float64 input keeps its precision; maps are float32
+        scores = scores.float()
+    scores, order = scores.flatten().sort(descending=True)
+    true_pos = labels.flatten()[order].bool().cumsum(0, dtype=torch.int32)
+    del order  # int64, the largest buffer: free it before the next allocations
+    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
+    last_of_tie[:-1] = scores[:-1] != scores[1:]
+    seen = torch.arange(1, len(scores) + 1, dtype=torch.int32)[last_of_tie]
+    positives = int(true_pos[-1])
+    true_pos = true_pos[last_of_tie]
+    return RankedCounts(
+        scores[last_of_tie], true_pos, seen - true_pos, positives, len(scores) - positives
+    )
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor, name: str = "auroc") -> float:
     """Area under the ROC curve; NaN with a warning when only one class is present."""
     if not _both_classes(labels, name):
         return float("nan")
-    return float(binary_auroc(unit_range(scores)[0], labels.flatten().long()))
+    return rank(scores, labels).auroc()
 
 
 def f1_max(scores: torch.Tensor, labels: torch.Tensor, name: str = "f1_max") -> tuple[float, float]:
-    """Best F1 over all thresholds, and that threshold (the seed's optimistic "F1-max").
-
-    Exact, from one sort: the threshold returned is an actual score, and `scores >= threshold`
-    reproduces the F1 to the last pixel, which tuning relies on to compare against it.
-    """
+    """Best F1 over all thresholds, and that threshold (the seed's optimistic "F1-max")."""
     if not _both_classes(labels, name):
         return float("nan"), float("nan")
-    scores, order = scores.flatten().sort(descending=True)
-    positive = labels.flatten()[order].bool()
-    true_pos = positive.cumsum(0, dtype=torch.int32)  # int32: half the memory on 4M pixels
-    false_pos = (~positive).cumsum(0, dtype=torch.int32)
-    last_of_tie = torch.ones_like(positive)
-    last_of_tie[:-1] = scores[:-1] != scores[1:]
-    true_pos, false_pos = true_pos[last_of_tie].double(), false_pos[last_of_tie].double()
-    f1 = 2 * true_pos / (true_pos + false_pos + true_pos[-1])
-    best = int(f1.argmax())
-    return float(f1[best]), float(scores[last_of_tie][best])
+    return rank(scores, labels).f1_max()
 
 
 def aupro(
@@ -84,14 +122,16 @@ def evaluate(
     image_scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
 ) -> dict[str, float]:
     """All test metrics of one category, keyed by the names used in metrics.json and MLflow."""
-    image_f1, image_threshold = f1_max(image_scores, labels, "image_f1_max")
-    pixel_f1, pixel_threshold = f1_max(maps, masks, "pixel_f1_max")
-    return {
-        "image_auroc": auroc(image_scores, labels, "image_auroc"),
-        "image_f1_max": image_f1,
-        "image_f1_max_threshold": image_threshold,
-        "pixel_auroc": auroc(maps, masks, "pixel_auroc"),
-        "pixel_f1_max": pixel_f1,
-        "pixel_f1_max_threshold": pixel_threshold,
-        "aupro": aupro(maps, masks),
-    }
+    metrics = {}
+    for prefix, scores, truth in (("image", image_scores, labels), ("pixel", maps, masks)):
+        nan = float("nan")
+        auc, f1, threshold = nan, nan, nan
+        if _both_classes(truth, f"{prefix}_auroc"):
+            counts = rank(scores, truth)  # one sort serves AUROC and F1-max
+            auc, (f1, threshold) = counts.auroc(), counts.f1_max()
+        metrics |= {
+            f"{prefix}_auroc": auc,
+            f"{prefix}_f1_max": f1,
+            f"{prefix}_f1_max_threshold": threshold,
+        }
+    return metrics | {"aupro": aupro(maps, masks)}

@@ -98,7 +98,10 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
         save_bank(model, cfg, output_dir / BANK_FILE, decisions.travelling())
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     write_scores_csv(out, datamodule, output_dir / "scores.csv")
-    render_run(output_dir)
+    render_run(output_dir, out)
+    metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
+    log_metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
+    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info(
         "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f%s bank=%d "
         "fit=%.0fs test=%.0fs",

@@ -12,15 +12,20 @@ from omegaconf import OmegaConf
 from patchlab.artifacts import OUTPUTS_FILE, load_outputs, read_samples
 from patchlab.category_figures import write_category_figures
 from patchlab.data.mvtec import ImageTransform
+from patchlab.lightning_module import TestOutputs
 from patchlab.metrics import f1_max
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
 from patchlab.visualize import write_heatmaps
 
 
-def render_run(run_dir: Path) -> list[Path]:
-    """Writes heatmaps/ and figures/ in `run_dir` from test_outputs, scores.csv and config."""
+def render_run(run_dir: Path, outputs: TestOutputs | None = None) -> list[Path]:
+    """Writes heatmaps/ and figures/ in `run_dir` from test_outputs, scores.csv and config.
+
+    A caller that still holds the test outputs passes them, rather than have a second copy
+    of every map read back from disk.
+    """
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    outputs = load_outputs(run_dir / OUTPUTS_FILE)
+    outputs = outputs or load_outputs(run_dir / OUTPUTS_FILE)
     samples = read_samples(run_dir / "scores.csv")
     display = ImageTransform(
         cfg.data.resize, cfg.data.crop_size, cfg.data.mean, cfg.data.std
