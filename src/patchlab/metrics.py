@@ -44,7 +44,9 @@ class RankedCounts:
         return torch.cat([recall, torch.zeros(1)]), torch.cat([precision, torch.ones(1)])
 
     def auroc(self) -> float:
-        """Trapezoidal area, summed in float64 from the exact integer counts."""
+        """Trapezoidal area, summed in float64 from the exact integer counts; NaN for one class."""
+        if self.positives == 0 or self.negatives == 0:
+            return float("nan")
         zero = torch.zeros(1, dtype=torch.float64)
         false_pos = torch.cat([zero, self.false_pos.double()])
         true_pos = torch.cat([zero, self.true_pos.double()])
@@ -52,6 +54,8 @@ class RankedCounts:
 
     def f1_max(self) -> tuple[float, float]:
         """Best F1 and the score that reaches it: `scores >= threshold` reproduces it exactly."""
+        if self.positives == 0:
+            return float("nan"), float("nan")
         f1 = 2 * self.true_pos.double() / (self.true_pos + self.false_pos + self.positives)
         best = int(f1.argmax())
         return float(f1[best]), float(self.thresholds[best])
