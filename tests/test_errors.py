@@ -1,0 +1,111 @@
+"""User errors read as one message with its fix; the full trace only with HYDRA_FULL_ERROR=1."""
+
+import os
+import re
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra.errors import InstantiationException
+
+from conftest import ROOT, compose_config, train_command
+from patchlab.errors import UserError, exit_on_user_error
+from patchlab.pipeline import run
+
+# MLflow logs these to stderr once, when a run creates its store; they are not the error.
+MLFLOW_STORE_LOG = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.store")
+
+
+def test_build_raises_the_constructors_message_not_hydras(synthetic_root, tmp_path) -> None:
+    config = compose_config([f"data.root={synthetic_root}", "backbone.name=nonexistent"])
+    with pytest.raises(UserError, match=r"^Unknown backbone.name 'nonexistent'") as info:
+        run(config, tmp_path)
+    assert isinstance(info.value.__cause__, InstantiationException)
+
+
+def test_a_missing_category_is_a_user_error(synthetic_root, tmp_path) -> None:
+    config = compose_config([f"data.root={synthetic_root}", "category.name=nothing_here"])
+    with pytest.raises(UserError, match="nothing_here does not exist") as info:
+        run(config, tmp_path)
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+
+def test_exit_on_user_error_prints_two_lines(capsys, monkeypatch) -> None:
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+
+    @exit_on_user_error
+    def main() -> None:
+        raise UserError("data.root /x does not exist. Point data.root at a copy.")
+
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "Error: data.root /x does not exist. Point data.root at a copy.",
+        "Set HYDRA_FULL_ERROR=1 for the full traceback.",
+    ]
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(UserError):
+        main()
+
+
+def hub_reachable() -> bool:
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def train(
+    root: Path, tmp_path: Path, *overrides: str, full_error: bool = False
+) -> tuple[int, list[str]]:
+    """train.py as a user runs it; returns its exit status and stderr's lines that matter."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    if full_error:
+        env["HYDRA_FULL_ERROR"] = "1"
+    command = [*train_command(root, tmp_path), f"tracking.root={tmp_path}/mlruns", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = [
+        line
+        for line in result.stderr.splitlines()
+        if line.strip() and not MLFLOW_STORE_LOG.match(line)
+    ]
+    return result.returncode, lines
+
+
+def assert_one_message(status: int, lines: list[str], message: str) -> None:
+    assert status == 1, lines
+    assert len(lines) == 2 and lines[1] == "Set HYDRA_FULL_ERROR=1 for the full traceback.", lines
+    assert re.match(f"Error: .*{message}", lines[0]), lines
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),
+        ("backbone.name=nonexistent", "Unknown backbone.name 'nonexistent'.*list_models"),
+        ("model.coreset_ratio=1.5", "coreset_ratio must be in"),
+    ],
+)
+def test_train_py_prints_one_message(synthetic_root, tmp_path, override, message) -> None:
+    assert_one_message(*train(synthetic_root, tmp_path, override), message)
+
+
+@pytest.mark.slow
+def test_train_py_offline_hub_names_the_offline_backbone(synthetic_root, tmp_path) -> None:
+    if hub_reachable():
+        pytest.skip("the Hugging Face hub is reachable: efficientnet_b5 would download")
+    status, lines = train(
+        synthetic_root, tmp_path, "backbone=efficientnet_b5", "backbone.pretrained=true"
+    )
+    assert_one_message(status, lines, "efficientnet_b5 .*backbone=efficientnet_lite2 data.root=")
+
+
+@pytest.mark.slow
+def test_hydra_full_error_keeps_the_traceback(synthetic_root, tmp_path) -> None:
+    status, lines = train(synthetic_root, tmp_path, "model.coreset_ratio=0", full_error=True)
+    assert status == 1 and "Traceback (most recent call last):" in lines
+    assert lines[-1].startswith("patchlab.errors.UserError: ") and "coreset_ratio" in lines[-1]
