@@ -215,9 +215,9 @@ def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None
     status = {r.data.tags.get("category", "sweep"): r.info.status for r in runs}
     assert status == {"gear": "FINISHED", "valve": "FINISHED", "hinge": "FAILED", "sweep": "FAILED"}
     failed = next(r for r in runs if r.data.tags.get("category") == "hinge")
-    assert failed.data.tags["error"].startswith("ValueError: No training images")
+    assert failed.data.tags["error"].startswith("UserError: No training images")
     summary = (tmp_path / "multirun" / "summary.md").read_text()
-    assert "| mean | 2/3 ok |" in summary and "**hinge FAILED**: ValueError: No training" in summary
+    assert "| mean | 2/3 ok |" in summary and "**hinge FAILED**: UserError: No training" in summary
     assert "seed_" not in summary  # the seed has no numbers for these parts
     assert (tmp_path / "multirun" / "summary_bars.png").stat().st_size > 10_000
     report = subprocess.run(
@@ -236,6 +236,6 @@ def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None
     assert report.returncode == 0, report.stderr[-3000:]
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert "| mean | 2/3 ok |" in markdown and "| hinge | FAILED |" in markdown
-    assert "**hinge FAILED**: ValueError: No training images" in markdown
+    assert "**hinge FAILED**: UserError: No training images" in markdown
     assert (tmp_path / "report" / "assets" / "summary_bars.png").stat().st_size > 10_000
     assert "resnet18" in markdown and "32/32" in markdown  # the settings that tell runs apart
