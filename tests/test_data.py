@@ -1,5 +1,6 @@
 """Bad data fails early and names what is wrong; odd but valid data still loads."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -95,3 +96,22 @@ def test_good_only_test_set_loads(category: Path) -> None:
     datamodule = setup(category.parent)
     assert all(s.label == 0 for s in datamodule.test_samples)
     assert torch.is_tensor(next(iter(datamodule.test_dataloader()))["image"])
+
+
+def test_no_ground_truth_folder_is_image_only(category: Path, caplog) -> None:
+    shutil.rmtree(category / "ground_truth")
+    with caplog.at_level(logging.INFO):
+        datamodule = setup(category.parent)
+    assert not datamodule.pixel_labelled
+    assert [s.mask for s in datamodule.test_samples] == [None] * 6
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch["mask_known"].tolist() == [True, True, False, False, False, False]
+    assert batch["mask"].sum() == 0 and batch["label"].tolist() == [0, 0, 1, 1, 1, 1]
+    (line,) = [r.message for r in caplog.records if "image-only" in r.message]
+    assert "no ground_truth/ folder" in line and "pixel metrics skipped" in line
+
+
+def test_a_defect_type_missing_from_ground_truth_is_an_error(category: Path) -> None:
+    shutil.rmtree(category / "ground_truth" / "stain")
+    with pytest.raises(ValueError, match=r"stain/000.png has no mask"):
+        setup(category.parent)

@@ -66,13 +66,13 @@ def _curve(scores: torch.Tensor, labels: torch.Tensor, kind: str) -> tuple[np.nd
 
 
 def roc_curves(outputs: TestOutputs) -> Figure:
-    """Image and pixel ROC curves, AUROC in the legend."""
+    """Image and pixel ROC curves, AUROC in the legend; image only without masks."""
     figure = Figure(figsize=(6, 5.5), layout="constrained")
     axis = figure.subplots()
-    for name, scores, labels in (
-        ("image", outputs.image_scores, outputs.labels),
-        ("pixel", outputs.maps, outputs.masks),
-    ):
+    curves = [("image", outputs.image_scores, outputs.labels)]
+    if outputs.pixel_labelled:
+        curves.append(("pixel", outputs.maps, outputs.masks))
+    for name, scores, labels in curves:
         fpr, tpr = _curve(scores, labels, "roc")
         sns.lineplot(
             x=fpr,
@@ -88,7 +88,12 @@ def roc_curves(outputs: TestOutputs) -> Figure:
 
 
 def pixel_pr_curve(outputs: TestOutputs) -> Figure:
-    """Pixel precision-recall curve with its F1-max point."""
+    """Pixel precision-recall curve with its F1-max point; a note saying why without masks.
+
+    The note keeps every run's figure set the same, so reports need no special case.
+    """
+    if not outputs.pixel_labelled:
+        return _no_masks_note("Pixel precision-recall")
     recall, precision = _curve(outputs.maps, outputs.masks, "pr")
     best_f1, _ = f1_max(outputs.maps, outputs.masks)
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -107,6 +112,15 @@ def pixel_pr_curve(outputs: TestOutputs) -> Figure:
         ylim=(0, 1.02),
     )
     axis.legend(loc="lower left")
+    return figure
+
+
+def _no_masks_note(title: str) -> Figure:
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axis = figure.subplots()
+    axis.set_axis_off()
+    axis.set_title(title)
+    axis.text(0.5, 0.5, "no ground-truth masks:\nimage-only mode", ha="center", va="center")
     return figure
 
 

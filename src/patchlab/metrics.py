@@ -81,15 +81,25 @@ def aupro(
 
 
 def evaluate(
-    image_scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
+    image_scores: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor,
+    masks: torch.Tensor | None,
 ) -> dict[str, float]:
-    """All test metrics of one category, keyed by the names used in metrics.json and MLflow."""
+    """All test metrics of one category, keyed by the names used in metrics.json and MLflow.
+
+    Without `masks` (image-only data) the pixel metrics are left out, not set to NaN or 0.
+    """
     image_f1, image_threshold = f1_max(image_scores, labels, "image_f1_max")
-    pixel_f1, pixel_threshold = f1_max(maps, masks, "pixel_f1_max")
-    return {
+    metrics = {
         "image_auroc": auroc(image_scores, labels, "image_auroc"),
         "image_f1_max": image_f1,
         "image_f1_max_threshold": image_threshold,
+    }
+    if masks is None:
+        return metrics
+    pixel_f1, pixel_threshold = f1_max(maps, masks, "pixel_f1_max")
+    return metrics | {
         "pixel_auroc": auroc(maps, masks, "pixel_auroc"),
         "pixel_f1_max": pixel_f1,
         "pixel_f1_max_threshold": pixel_threshold,
