@@ -1,4 +1,4 @@
-"""Image-level labels only: a category without ground_truth/."""
+"""Image-level labels only: no ground_truth/, or a plain folder layout without masks."""
 
 import json
 import logging
@@ -17,7 +17,7 @@ from patchlab.bank_io import read_bank
 from patchlab.lightning_module import TestOutputs
 from patchlab.pipeline import run
 from patchlab.render import render_run
-from synthetic import make_category
+from synthetic import make_category, make_folder_layout
 
 PIXEL_KEYS = {"pixel_auroc", "pixel_f1_max", "pixel_f1_max_threshold", "aupro"}
 TUNED_PIXEL_KEYS = {
@@ -89,6 +89,55 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
         os.remove(path)
     render_run(out)
     assert len(list((out / "heatmaps").glob("*.png"))) == 8
+
+
+def test_folder_layout_without_masks(tmp_path: Path) -> None:
+    root = make_folder_layout(tmp_path / "my_part", normal=10, abnormal=4)
+    config = compose_config(
+        ["data=folder", f"data.root={root}", "data.normal_split=0.3", "category.name=my_part"]
+    )
+    metrics, _, datamodule = run(config, tmp_path / "out")
+    assert len(datamodule.train_samples) == 7 and len(datamodule.test_samples) == 7
+    assert metrics["image_auroc"] > 0.6 and not PIXEL_KEYS & set(metrics)
+    assert len(list((tmp_path / "out" / "heatmaps").glob("*.png"))) == 7
+
+
+@pytest.mark.real_data
+def test_folder_layout_from_real_bottle(real_data_root: Path, tmp_path: Path) -> None:
+    """A few bottle images rearranged as a team would bring them, masks named `<stem>.png`."""
+    bottle, root = real_data_root / "bottle", tmp_path / "bottle_parts"
+    picks = {
+        "train": sorted((bottle / "train" / "good").iterdir())[:20],
+        "test_good": sorted((bottle / "test" / "good").iterdir())[:5],
+        "defect": sorted((bottle / "test" / "broken_large").iterdir())[:5],
+    }
+    for folder, paths in picks.items():
+        (root / folder).mkdir(parents=True)
+        for path in paths:
+            (root / folder / path.name).symlink_to(path)
+    (root / "masks").mkdir()
+    for path in picks["defect"]:
+        mask = bottle / "ground_truth" / "broken_large" / f"{path.stem}_mask.png"
+        (root / "masks" / path.name).symlink_to(mask)
+    config = compose_config(
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.normal_dir=train",
+            "data.abnormal_dir=defect",
+            "data.mask_dir=masks",
+            "data.normal_test_dir=test_good",
+            "category.name=bottle_parts",
+            "backbone=efficientnet_lite2",
+            "data.resize=256",
+            "data.crop_size=224",
+            "model.coreset_ratio=0.01",
+        ]
+    )
+    metrics, _, datamodule = run(config, tmp_path / "out")
+    assert len(datamodule.train_samples) == 20 and len(datamodule.test_samples) == 10
+    assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.9, metrics
+    assert (tmp_path / "out" / "figures" / "pixel_pr_curve.png").is_file()
 
 
 def test_image_only_with_synthetic_validation_still_tunes_masks(

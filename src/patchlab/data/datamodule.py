@@ -13,12 +13,16 @@ from patchlab.data.mvtec import (
     ImageTransform,
     MVTecDataset,
     Sample,
+    good_samples,
+    pair_masks,
+    require_images,
     scan_test,
     scan_train,
     seeded_split,
 )
 
 log = logging.getLogger(__name__)
+ABNORMAL = "abnormal"  # defect type of every image in a folder layout's abnormal folder
 
 
 class AnomalyDataModule(pl.LightningDataModule):
@@ -160,3 +164,68 @@ class MVTecDataModule(AnomalyDataModule):
                 f"Category folder {category_dir} does not exist; {self.root} holds {found}"
             )
         return scan_train(category_dir), scan_test(category_dir)
+
+
+class FolderDataModule(AnomalyDataModule):
+    """A plain folder layout: normal images, abnormal images, optionally their masks.
+
+    Folders are relative to `root`. Masks are matched to abnormal images by stem
+    (`<stem>_mask.png` or `<stem>.png`, any image suffix).
+
+    Args:
+        root: Base folder of this part.
+        normal_dir: Good images; all train the bank unless `normal_test_dir` is null.
+        abnormal_dir: Defective images, all for testing.
+        mask_dir: Masks of the abnormal images; null runs image-only.
+        normal_test_dir: Good images for testing; null holds out `normal_split` of `normal_dir`.
+        normal_split: Fraction of `normal_dir` tested rather than trained on (seeded pick).
+        split_seed: Seed of that pick, apart from `seed` so reseeding a model keeps the test set.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        normal_dir: str = "good",
+        abnormal_dir: str = "defect",
+        mask_dir: str | None = None,
+        normal_test_dir: str | None = None,
+        normal_split: float = 0.2,
+        split_seed: int = 0,
+        resize: int = 256,
+        crop_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        batch_size: int = 32,
+        num_workers: int = 2,
+        holdout: int = 0,
+    ) -> None:
+        super().__init__(resize, crop_size, mean, std, batch_size, num_workers, holdout)
+        self.root = Path(root).expanduser()
+        self.name = self.root.name
+        self.normal_dir = self.root / normal_dir
+        self.abnormal_dir = self.root / abnormal_dir
+        self.mask_dir = None if mask_dir is None else self.root / mask_dir
+        self.normal_test_dir = None if normal_test_dir is None else self.root / normal_test_dir
+        self.normal_split = normal_split
+        self.split_seed = split_seed
+        self.no_masks_reason = "data.mask_dir is null"
+
+    def scan(self) -> tuple[list[Sample], list[Sample]]:
+        train, test_goods = self._scan_normal()
+        abnormal = require_images(self.abnormal_dir, "abnormal images (data.abnormal_dir)")
+        return train, test_goods + pair_masks(abnormal, ABNORMAL, self.mask_dir)
+
+    def _scan_normal(self) -> tuple[list[Sample], list[Sample]]:
+        """Train goods and test goods: from their own folder, or a seeded split of the normal."""
+        normal = good_samples(require_images(self.normal_dir, "normal images (data.normal_dir)"))
+        if self.normal_test_dir is not None:
+            test = require_images(self.normal_test_dir, "normal test images (data.normal_test_dir)")
+            return normal, good_samples(test)
+        count = round(len(normal) * self.normal_split)
+        if not 0 < count < len(normal):
+            raise ValueError(
+                f"data.normal_split={self.normal_split} of {len(normal)} normal images leaves "
+                "no test or no train images; change it or set data.normal_test_dir"
+            )
+        test, train = seeded_split(normal, count, self.split_seed)
+        return train, test
