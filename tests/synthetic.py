@@ -74,3 +74,20 @@ def make_category(
                 category / "ground_truth" / defect_type / f"{i:03d}_mask.png"
             )
     return category
+
+
+def make_folder_layout(
+    root: Path, normal: int = 10, abnormal: int = 4, masks: bool = False, seed: int = 0
+) -> Path:
+    """Writes `good/`, `defect/` and, with `masks`, `masks/<stem>.png`: a team's own part."""
+    rng = np.random.default_rng(seed)
+    for folder in ("good", "defect", *(["masks"] if masks else [])):
+        (root / folder).mkdir(parents=True)
+    for i in range(normal):
+        Image.fromarray(texture(rng, 64)).save(root / "good" / f"n{i:03d}.png")
+    for i in range(abnormal):
+        image, mask = defect(rng, texture(rng, 64))
+        Image.fromarray(image).save(root / "defect" / f"d{i:03d}.png")
+        if masks:
+            Image.fromarray(mask).save(root / "masks" / f"d{i:03d}.png")
+    return root

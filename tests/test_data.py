@@ -1,5 +1,6 @@
 """Bad data fails early and names what is wrong; odd but valid data still loads."""
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from patchlab.data.datamodule import MVTecDataModule
-from synthetic import make_category
+from patchlab.data.datamodule import FolderDataModule, MVTecDataModule
+from synthetic import make_category, make_folder_layout
 
 
 @pytest.fixture
@@ -95,3 +96,73 @@ def test_good_only_test_set_loads(category: Path) -> None:
     datamodule = setup(category.parent)
     assert all(s.label == 0 for s in datamodule.test_samples)
     assert torch.is_tensor(next(iter(datamodule.test_dataloader()))["image"])
+
+
+def test_no_ground_truth_folder_is_image_only(category: Path, caplog) -> None:
+    shutil.rmtree(category / "ground_truth")
+    with caplog.at_level(logging.INFO):
+        datamodule = setup(category.parent)
+    assert not datamodule.pixel_labelled
+    assert [s.mask for s in datamodule.test_samples] == [None] * 6
+    batch = next(iter(datamodule.test_dataloader()))
+    assert batch["mask_known"].tolist() == [True, True, False, False, False, False]
+    assert batch["mask"].sum() == 0 and batch["label"].tolist() == [0, 0, 1, 1, 1, 1]
+    (line,) = [r.message for r in caplog.records if "image-only" in r.message]
+    assert "no ground_truth/ folder" in line and "pixel metrics skipped" in line
+
+
+def test_a_defect_type_missing_from_ground_truth_is_an_error(category: Path) -> None:
+    shutil.rmtree(category / "ground_truth" / "stain")
+    with pytest.raises(ValueError, match=r"stain/000.png has no mask"):
+        setup(category.parent)
+
+
+def folder(root: Path, **kwargs) -> FolderDataModule:
+    datamodule = FolderDataModule(str(root), resize=48, crop_size=32, num_workers=0, **kwargs)
+    datamodule.setup()
+    return datamodule
+
+
+def test_folder_layout_splits_normal_images_seeded(tmp_path: Path) -> None:
+    root = make_folder_layout(tmp_path / "part", normal=10, abnormal=4)
+    datamodule = folder(root, normal_split=0.3)
+    goods = [s for s in datamodule.test_samples if s.label == 0]
+    assert len(datamodule.train_samples) == 7 and len(goods) == 3
+    assert {s.image for s in goods}.isdisjoint(s.image for s in datamodule.train_samples)
+    assert [s.defect_type for s in datamodule.test_samples[3:]] == ["abnormal"] * 4
+    assert not datamodule.pixel_labelled and datamodule.name == "part"
+    again = folder(root, normal_split=0.3)
+    other = folder(root, normal_split=0.3, split_seed=1)
+    assert again.test_samples == datamodule.test_samples != other.test_samples
+
+
+def test_folder_layout_with_masks_and_a_normal_test_folder(tmp_path: Path) -> None:
+    root = make_folder_layout(tmp_path / "part", normal=6, abnormal=3, masks=True)
+    (root / "good" / "n005.png").rename(root / "n005.png")
+    (root / "test_good").mkdir()
+    (root / "n005.png").rename(root / "test_good" / "n005.png")
+    (root / "masks" / "d001.png").rename(root / "masks" / "d001_mask.png")
+    datamodule = folder(root, mask_dir="masks", normal_test_dir="test_good")
+    assert len(datamodule.train_samples) == 5 and len(datamodule.test_samples) == 4
+    assert datamodule.pixel_labelled
+    assert [s.mask.name for s in datamodule.test_samples[1:]] == [
+        "d000.png",
+        "d001_mask.png",
+        "d002.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"normal_split": 0.0}, r"normal_split=0.0 of 10 normal images leaves no test"),
+        ({"normal_split": 1.0}, r"normal_split=1.0 of 10"),
+        ({"abnormal_dir": "bad"}, r"No abnormal images \(data.abnormal_dir\): .*part/bad"),
+        ({"normal_test_dir": "none"}, r"No normal test images"),
+        ({"mask_dir": "nowhere"}, r"d000.png has no mask"),
+    ],
+)
+def test_folder_layout_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
+    root = make_folder_layout(tmp_path / "part", normal=10, abnormal=2)
+    with pytest.raises(ValueError, match=message):
+        folder(root, **kwargs)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchlab.data.datamodule import MVTecDataModule
+from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.data.mvtec import Sample
 from patchlab.lightning_module import TestOutputs
 
@@ -20,7 +20,7 @@ def read_samples(path: Path) -> list[Sample]:
         return [Sample(Path(row["path"]), row["defect_type"]) for row in csv.DictReader(file)]
 
 
-def write_scores_csv(outputs: TestOutputs, datamodule: MVTecDataModule, path: Path) -> None:
+def write_scores_csv(outputs: TestOutputs, datamodule: AnomalyDataModule, path: Path) -> None:
     """One row per test image: where it is (absolute, so the file works from any folder), what
     it is, and how anomalous the model found it."""
     with path.open("w", newline="") as file:
@@ -67,4 +67,5 @@ def save_outputs(outputs: TestOutputs, path: Path) -> None:
 
 
 def load_outputs(path: Path) -> TestOutputs:
+    """The cached test pass; files from before `mask_known` existed load as fully masked."""
     return TestOutputs(**load_file(str(path)))

@@ -59,11 +59,12 @@ def _curve(counts: RankedCounts, kind: str) -> tuple[np.ndarray, np.ndarray]:
     return x[keep].numpy(), y[keep].numpy()
 
 
-def roc_curves(image: RankedCounts, pixel: RankedCounts) -> Figure:
-    """Image and pixel ROC curves, AUROC in the legend."""
+def roc_curves(image: RankedCounts, pixel: RankedCounts | None) -> Figure:
+    """Image and pixel ROC curves, AUROC in the legend; image only without masks."""
     figure = Figure(figsize=(6, 5.5), layout="constrained")
     axis = figure.subplots()
-    for name, counts in (("image", image), ("pixel", pixel)):
+    curves = [("image", image)] + ([("pixel", pixel)] if pixel is not None else [])
+    for name, counts in curves:
         fpr, tpr = _curve(counts, "roc")
         sns.lineplot(
             x=fpr,
@@ -78,8 +79,13 @@ def roc_curves(image: RankedCounts, pixel: RankedCounts) -> Figure:
     return figure
 
 
-def pixel_pr_curve(pixel: RankedCounts) -> Figure:
-    """Pixel precision-recall curve with its F1-max point."""
+def pixel_pr_curve(pixel: RankedCounts | None) -> Figure:
+    """Pixel precision-recall curve with its F1-max point; a note saying why without masks.
+
+    The note keeps every run's figure set the same, so reports need no special case.
+    """
+    if pixel is None:
+        return _no_masks_note("Pixel precision-recall")
     recall, precision = _curve(pixel, "pr")
     best_f1, _ = pixel.f1_max()
     f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
@@ -98,6 +104,15 @@ def pixel_pr_curve(pixel: RankedCounts) -> Figure:
         ylim=(0, 1.02),
     )
     axis.legend(loc="lower left")
+    return figure
+
+
+def _no_masks_note(title: str) -> Figure:
+    figure = Figure(figsize=(6, 5.5), layout="constrained")
+    axis = figure.subplots()
+    axis.set_axis_off()
+    axis.set_title(title)
+    axis.text(0.5, 0.5, "no ground-truth masks:\nimage-only mode", ha="center", va="center")
     return figure
 
 
@@ -144,7 +159,8 @@ def write_category_figures(
     """Writes the four category figures as PNGs into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     image = rank(outputs.image_scores, outputs.labels)
-    pixel = rank(outputs.maps, outputs.masks)  # sorted once for both pixel figures
+    # Sorted once for both pixel figures; None for image-only data.
+    pixel = rank(outputs.maps, outputs.masks) if outputs.pixel_labelled else None
     drawers = {
         "score_distributions.png": lambda: score_distributions(outputs, samples, threshold),
         "roc_curves.png": lambda: roc_curves(image, pixel),

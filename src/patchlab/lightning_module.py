@@ -28,8 +28,20 @@ class TestOutputs:
     image_scores: torch.Tensor  # (N,)
     labels: torch.Tensor  # (N,)
     maps: torch.Tensor  # (N, H, W) anomaly maps at crop resolution
-    masks: torch.Tensor  # (N, H, W) uint8 ground truth
+    masks: torch.Tensor  # (N, H, W) uint8 ground truth; zeros where not `mask_known`
     patch_scores: torch.Tensor  # (N, h, w) before upsampling and blur: what tuning re-blurs
+    # (N,) bool: pixels labelled (goods always, defects when a mask exists). Defaults to all
+    # True, as test outputs saved before image-only data existed had masks for every image.
+    mask_known: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.mask_known is None:
+            self.mask_known = torch.ones(len(self.labels), dtype=torch.bool)
+
+    @property
+    def pixel_labelled(self) -> bool:
+        """Whether pixel metrics can be computed: False in image-only mode."""
+        return bool(self.mask_known.all())
 
 
 class PatchCore(pl.LightningModule):
@@ -140,7 +152,8 @@ class PatchCore(pl.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         image_scores, maps, grid = self.predict(batch["image"])
-        self._test_batches.append((image_scores, batch["label"], maps, batch["mask"], grid))
+        labels, masks, known = batch["label"], batch["mask"], batch["mask_known"]
+        self._test_batches.append((image_scores, labels, maps, masks, grid, known))
 
     def on_test_epoch_end(self) -> None:
         columns = [torch.cat(parts).cpu() for parts in zip(*self._test_batches, strict=True)]

@@ -123,19 +123,29 @@ def aupro(
 
 
 def evaluate(
-    image_scores: torch.Tensor, labels: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor
+    image_scores: torch.Tensor,
+    labels: torch.Tensor,
+    maps: torch.Tensor,
+    masks: torch.Tensor | None,
 ) -> dict[str, float]:
-    """All test metrics of one category, keyed by the names used in metrics.json and MLflow."""
-    metrics = {}
-    for prefix, scores, truth in (("image", image_scores, labels), ("pixel", maps, masks)):
-        nan = float("nan")
-        auc, f1, threshold = nan, nan, nan
-        if _both_classes(truth, f"{prefix}_auroc"):
-            counts = rank(scores, truth)  # one sort serves AUROC and F1-max
-            auc, (f1, threshold) = counts.auroc(), counts.f1_max()
-        metrics |= {
-            f"{prefix}_auroc": auc,
-            f"{prefix}_f1_max": f1,
-            f"{prefix}_f1_max_threshold": threshold,
-        }
-    return metrics | {"aupro": aupro(maps, masks)}
+    """All test metrics of one category, keyed by the names used in metrics.json and MLflow.
+
+    Without `masks` (image-only data) the pixel metrics are left out, not set to NaN or 0.
+    """
+    metrics = _threshold_metrics("image", image_scores, labels)
+    if masks is None:
+        return metrics
+    return metrics | _threshold_metrics("pixel", maps, masks) | {"aupro": aupro(maps, masks)}
+
+
+def _threshold_metrics(prefix: str, scores: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """AUROC and F1-max from one sort; NaN with a warning when only one class is present."""
+    auc = f1 = threshold = float("nan")
+    if _both_classes(truth, f"{prefix}_auroc"):
+        counts = rank(scores, truth)
+        auc, (f1, threshold) = counts.auroc(), counts.f1_max()
+    return {
+        f"{prefix}_auroc": auc,
+        f"{prefix}_f1_max": f1,
+        f"{prefix}_f1_max_threshold": threshold,
+    }

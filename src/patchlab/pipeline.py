@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts import BANK_FILE, OUTPUTS_FILE, save_outputs, write_scores_csv
 from patchlab.bank_io import save_bank
-from patchlab.data.datamodule import MVTecDataModule
+from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.errors import UserError
 from patchlab.lightning_module import PatchCore
 from patchlab.metrics import evaluate
@@ -25,7 +25,7 @@ from patchlab.tuning.synthetic import synthetic_validation
 log = logging.getLogger(__name__)
 
 
-def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
+def check_bank_size(model: PatchCore, datamodule: AnomalyDataModule) -> None:
     """Fails before feature extraction when the search would need more bank than exists."""
     grid = datamodule.crop_size // model.backbone.strides[0]
     patches = len(datamodule.train_samples) * grid * grid
@@ -43,7 +43,7 @@ def check_bank_size(model: PatchCore, datamodule: MVTecDataModule) -> None:
             )
 
 
-def build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
+def build(cfg: DictConfig) -> tuple[AnomalyDataModule, PatchCore, pl.Trainer]:
     """Instantiates data first, so a bad folder fails before any weights are loaded.
 
     Whatever fails here is the data, the config or the weights, all the user's to fix, so it
@@ -62,7 +62,7 @@ def underlying_message(error: Exception) -> str:
     return str(error) or type(error).__name__
 
 
-def _build(cfg: DictConfig) -> tuple[MVTecDataModule, PatchCore, pl.Trainer]:
+def _build(cfg: DictConfig) -> tuple[AnomalyDataModule, PatchCore, pl.Trainer]:
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.data, holdout=synthetic_count(cfg))
     datamodule.prepare_data()
@@ -83,7 +83,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, MVTecDataModule]:
+def result_line(metrics: dict[str, float]) -> str:
+    """The run's headline numbers; metrics a run did not compute are left out."""
+    names = ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro")
+    parts = [f"{name}={metrics[name]:.4f}" for name in names if name in metrics]
+    tuned = ("pixel_f1", "image_f1")  # threshold=optuna: tuned on validation, held-out figures
+    parts += [f"{name}(tuned, held-out)={metrics[name]:.4f}" for name in tuned if name in metrics]
+    parts += [
+        f"bank={metrics['bank_size']:.0f}",
+        f"fit={metrics['fit_seconds']:.0f}s",
+        f"test={metrics['test_seconds']:.0f}s",
+    ]
+    return " ".join(parts)
+
+
+def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
     """Fits and tests one category; the bank is saved before testing so a failure keeps it."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -100,14 +114,14 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     test_seconds = time.perf_counter() - start
     out = model.outputs
     save_outputs(out, output_dir / OUTPUTS_FILE)
-    metrics = evaluate(out.image_scores, out.labels, out.maps, out.masks) | {
+    masks = out.masks if out.pixel_labelled else None  # image-only: pixel metrics left out
+    metrics = evaluate(out.image_scores, out.labels, out.maps, masks) | {
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
         "bank_size": float(model.memory_bank.shape[0]),
         "peak_rss_mb": peak_rss_mb(),
     }
     log_metrics(metrics)
-    decisions = None
     if cfg.threshold.enabled:
         defect_types = [sample.defect_type for sample in datamodule.test_samples]
         validation = None
@@ -122,17 +136,5 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
     log_metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    log.info(
-        "%s: image_auroc=%.4f pixel_auroc=%.4f pixel_f1_max=%.4f aupro=%.4f%s bank=%d "
-        "fit=%.0fs test=%.0fs",
-        cfg.category.name,
-        metrics["image_auroc"],
-        metrics["pixel_auroc"],
-        metrics["pixel_f1_max"],
-        metrics["aupro"],
-        f" pixel_f1(tuned, held-out)={metrics['pixel_f1']:.4f}" if decisions else "",
-        metrics["bank_size"],
-        fit_seconds,
-        metrics["test_seconds"],
-    )
+    log.info("%s: %s", cfg.category.name, result_line(metrics))
     return metrics, model, datamodule

@@ -35,9 +35,10 @@ def render_run(run_dir: Path, outputs: TestOutputs | None = None) -> list[Path]:
     threshold = f1_max(outputs.image_scores, outputs.labels)[1]
     if tuning_file.is_file():
         tuning = json.loads(tuning_file.read_text())
-        post = PostProcessing(**tuning["post_processing"])
-        predicted = binarize(maps_at(outputs, post.sigma), post)
         threshold = tuning["image_threshold"]
+        if "post_processing" in tuning:  # absent when tuned without masks (image-only data)
+            post = PostProcessing(**tuning["post_processing"])
+            predicted = binarize(maps_at(outputs, post.sigma), post)
     figures = cfg.figures
     paths = write_heatmaps(
         outputs,

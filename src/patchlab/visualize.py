@@ -15,12 +15,15 @@ from patchlab.lightning_module import TestOutputs
 def heatmap_figure(
     image: np.ndarray,
     anomaly_map: np.ndarray,
-    mask: np.ndarray,
+    mask: np.ndarray | None,
     title: str,
     scale: tuple[float, float],
     predicted: np.ndarray | None = None,
 ) -> Figure:
-    """input | anomaly map with colour bar | overlay with ground-truth (and predicted) contours."""
+    """input | anomaly map with colour bar | overlay with ground-truth (and predicted) contours.
+
+    `mask` None means the image has no ground truth (image-only data), not an empty one.
+    """
     figure = Figure(figsize=(11, 3.8), layout="constrained")
     axes = figure.subplots(1, 3)
     axes[0].imshow(image)
@@ -30,11 +33,12 @@ def heatmap_figure(
     figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
     axes[2].imshow(image)
     axes[2].imshow(anomaly_map, cmap="inferno", vmin=scale[0], vmax=scale[1], alpha=0.5)
-    if mask.any():
+    if mask is not None and mask.any():
         axes[2].contour(mask, levels=[0.5], colors="lime", linewidths=1.5)
     if predicted is not None and predicted.any():
         axes[2].contour(predicted, levels=[0.5], colors="cyan", linewidths=1.2, linestyles="--")
-    axes[2].set_title("truth: green" + ("   predicted: cyan" if predicted is not None else ""))
+    truth = "truth: green" if mask is not None else "no ground truth"
+    axes[2].set_title(truth + ("   predicted: cyan" if predicted is not None else ""))
     for axis in axes:
         axis.set_axis_off()
     figure.suptitle(title, fontsize=11)
@@ -67,14 +71,8 @@ def write_heatmaps(
         if image_threshold is not None:
             title += f"  -> {'DEFECT' if score >= image_threshold else 'good'}"
         predicted = None if predicted_masks is None else predicted_masks[index].numpy()
-        figure = heatmap_figure(
-            image,
-            outputs.maps[index].numpy(),
-            outputs.masks[index].numpy(),
-            title,
-            scale,
-            predicted,
-        )
+        mask = outputs.masks[index].numpy() if outputs.mask_known[index] else None
+        figure = heatmap_figure(image, outputs.maps[index].numpy(), mask, title, scale, predicted)
         path = folder / f"{rank:03d}_{sample.defect_type}_{sample.image.stem}.png"
         figure.savefig(path, dpi=80)
         paths.append(path)

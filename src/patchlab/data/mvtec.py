@@ -2,6 +2,8 @@
 
 Layout: `<root>/<category>/train/good/*`, `<root>/<category>/test/<type>/*` and
 `<root>/<category>/ground_truth/<type>/<stem>_mask.png` for every defect type but `good`.
+Without a `ground_truth/` folder the category is image-only: defect images carry no mask.
+The listing, checking and mask pairing here serve every layout (see `FolderDataModule`).
 """
 
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ GOOD = "good"
 
 @dataclass(frozen=True)
 class Sample:
-    """One image on disk; `mask` is None for good images."""
+    """One image on disk; `mask` is None for good images and in image-only data."""
 
     image: Path
     defect_type: str
@@ -28,12 +30,25 @@ class Sample:
     def label(self) -> int:
         return int(self.defect_type != GOOD)
 
+    @property
+    def mask_known(self) -> bool:
+        """Whether its pixels are labelled: a good image's mask is known to be empty."""
+        return self.mask is not None or self.label == 0
 
-def _images(folder: Path) -> list[Path]:
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in `folder`, sorted by name."""
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _size(path: Path) -> tuple[int, int]:
+def require_images(folder: Path, what: str) -> list[Path]:
+    """Image files in `folder`, failing early when it is missing or empty."""
+    if not folder.is_dir() or not list_images(folder):
+        raise ValueError(f"No {what}: {folder} is missing or has no image files")
+    return list_images(folder)
+
+
+def image_size(path: Path) -> tuple[int, int]:
     """Reads the header and checks the whole file decodes, naming the file when it does not."""
     try:
         with Image.open(path) as image:
@@ -44,39 +59,29 @@ def _size(path: Path) -> tuple[int, int]:
     return size
 
 
-def scan_train(category_dir: Path) -> list[Sample]:
-    """Lists train/good, failing early when it is missing or empty."""
-    folder = category_dir / "train" / GOOD
-    if not folder.is_dir() or not _images(folder):
-        raise ValueError(f"No training images: {folder} is missing or has no image files")
-    samples = [Sample(path, GOOD) for path in _images(folder)]
-    for sample in samples:
-        _size(sample.image)
-    return samples
+def decodable(images: list[Path]) -> list[Path]:
+    """`images`, each checked to decode in full."""
+    for path in images:
+        image_size(path)
+    return images
 
 
-def scan_test(category_dir: Path) -> list[Sample]:
-    """Lists test/<type>/* and pairs each defect image with its mask, checking sizes."""
-    test_dir = category_dir / "test"
-    if not test_dir.is_dir():
-        raise ValueError(f"No test split: {test_dir} does not exist")
-    samples = []
-    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
-        samples += _scan_defect_type(category_dir, type_dir.name)
-    if not samples:
-        raise ValueError(f"No test images under {test_dir}")
-    return samples
+def good_samples(images: list[Path]) -> list[Sample]:
+    """Good samples of `images`, each checked to decode."""
+    return [Sample(path, GOOD) for path in decodable(images)]
 
 
-def _scan_defect_type(category_dir: Path, defect_type: str) -> list[Sample]:
-    images = _images(category_dir / "test" / defect_type)
-    if defect_type == GOOD:
-        for path in images:
-            _size(path)
-        return [Sample(path, GOOD) for path in images]
-    mask_dir = category_dir / "ground_truth" / defect_type
+def pair_masks(images: list[Path], defect_type: str, mask_dir: Path | None) -> list[Sample]:
+    """Defect samples, each with its `<stem>_mask.*` or `<stem>.*` mask from `mask_dir`.
+
+    `mask_dir` None means image-only data; otherwise every image needs a mask of its size.
+    """
+    if mask_dir is None:
+        return [Sample(path, defect_type) for path in decodable(images)]
     masks = (
-        {p.stem.removesuffix("_mask"): p for p in _images(mask_dir)} if mask_dir.is_dir() else {}
+        {p.stem.removesuffix("_mask"): p for p in list_images(mask_dir)}
+        if mask_dir.is_dir()
+        else {}
     )
     orphans = sorted(set(masks) - {p.stem for p in images})
     if orphans:
@@ -88,11 +93,49 @@ def _scan_defect_type(category_dir: Path, defect_type: str) -> list[Sample]:
                 f"Defect image {path} has no mask; expected {mask_dir}/{path.stem}_mask.png"
             )
         mask = masks[path.stem]
-        if _size(path) != _size(mask):
+        if image_size(path) != image_size(mask):
             raise ValueError(
-                f"Mask {mask} is {_size(mask)} but its image {path} is {_size(path)} (W, H)"
+                f"Mask {mask} is {image_size(mask)} but its image {path} is {image_size(path)} "
+                "(W, H)"
             )
         samples.append(Sample(path, defect_type, mask))
+    return samples
+
+
+def seeded_split(samples: list[Sample], count: int, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """A seeded random pick of `count` samples, and the rest, both in their original order."""
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    picked = set(order[:count].tolist())
+    return (
+        [s for i, s in enumerate(samples) if i in picked],
+        [s for i, s in enumerate(samples) if i not in picked],
+    )
+
+
+def scan_train(category_dir: Path) -> list[Sample]:
+    """Lists train/good, failing early when it is missing or empty."""
+    return good_samples(require_images(category_dir / "train" / GOOD, "training images"))
+
+
+def scan_test(category_dir: Path) -> list[Sample]:
+    """Lists test/<type>/* and pairs each defect image with its mask, checking sizes.
+
+    No `ground_truth/` folder at all makes the category image-only; a partial one is an error.
+    """
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        raise ValueError(f"No test split: {test_dir} does not exist")
+    truth = category_dir / "ground_truth"
+    samples = []
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        images = list_images(type_dir)
+        if type_dir.name == GOOD:
+            samples += good_samples(images)
+        else:
+            mask_dir = truth / type_dir.name if truth.is_dir() else None
+            samples += pair_masks(images, type_dir.name, mask_dir)
+    if not samples:
+        raise ValueError(f"No test images under {test_dir}")
     return samples
 
 
@@ -128,7 +171,11 @@ def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
 
 
 class MVTecDataset(Dataset):
-    """Decodes samples to (3, S, S) normalised images and (S, S) {0, 1} masks."""
+    """Decodes samples to (3, S, S) normalised images and (S, S) {0, 1} masks.
+
+    A defect without a mask gets an all-zero one and `mask_known` False, so pixel metrics
+    can tell "no defect pixels" from "not labelled".
+    """
 
     def __init__(self, samples: list[Sample], transform: ImageTransform) -> None:
         self.samples = samples
@@ -144,4 +191,10 @@ class MVTecDataset(Dataset):
             mask = torch.zeros(image.shape[-2:], dtype=torch.uint8)
         else:
             mask = (self.transform.mask(read_image(sample.mask, "L"))[0] > 0).to(torch.uint8)
-        return {"image": image, "mask": mask, "label": sample.label, "index": index}
+        return {
+            "image": image,
+            "mask": mask,
+            "mask_known": sample.mask_known,
+            "label": sample.label,
+            "index": index,
+        }

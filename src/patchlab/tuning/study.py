@@ -1,7 +1,8 @@
 """Optuna tunes blur, threshold and morphology on the validation part; the held-out part scores it.
 
 Anomaly maps are never recomputed from images: trials start from the cached patch-score grids,
-so a trial costs only the post-processing.
+so a trial costs only the post-processing. Without masks (image-only data) only the image
+threshold is tuned: there is no pixel study and no post-processing.
 """
 
 import json
@@ -22,16 +23,20 @@ from patchlab.tuning.split import stratified_split
 
 @dataclass
 class Tuning:
-    """What tuning found on validation data and what it scored on the held-out part."""
+    """What tuning found on validation data and what it scored on the held-out part.
 
-    post: PostProcessing
+    `post` and `study` are None when the validation images have no masks.
+    """
+
+    post: PostProcessing | None
     image_threshold: float
     metrics: dict[str, float]
-    study: optuna.Study
+    study: optuna.Study | None
 
     def travelling(self) -> dict:
         """What scoring new images needs, stored in the bank file's metadata."""
-        return {"post_processing": self.post.as_dict(), "image_threshold": self.image_threshold}
+        post = {} if self.post is None else {"post_processing": self.post.as_dict()}
+        return post | {"image_threshold": self.image_threshold}
 
 
 def _subset(outputs: TestOutputs, index: torch.Tensor) -> TestOutputs:
@@ -109,20 +114,27 @@ def run_tuning(
 
     Without `validation`, the test set is split (stratified) and its other part is held out;
     with one (e.g. synthetic anomalies on held-back good images) the whole test set is.
+    Pixel figures appear only for parts with masks.
     """
     if validation is None:
         val_index, test_index = stratified_split(defect_types, config.val_fraction, config.seed)
         validation, held_out = _subset(outputs, val_index), _subset(outputs, test_index)
     else:
         held_out = outputs
-    study, post, baseline_f1 = tune(validation, config, baseline_sigma, storage, name)
+    study, post, metrics = None, None, {}
+    if validation.pixel_labelled:
+        study, post, baseline_f1 = tune(validation, config, baseline_sigma, storage, name)
+        metrics = {
+            "val_pixel_f1_tuned": study.best_value,
+            "val_pixel_f1_threshold_only": baseline_f1,
+        }
+        if held_out.pixel_labelled:
+            predicted = binarize(maps_at(held_out, post.sigma), post)
+            metrics |= pixel_scores(predicted, held_out.masks)
     _, image_threshold = f1_max(validation.image_scores, validation.labels)
-    metrics = pixel_scores(binarize(maps_at(held_out, post.sigma), post), held_out.masks)
     decisions = pixel_scores(held_out.image_scores >= image_threshold, held_out.labels)
     metrics |= {
         "image_f1": decisions["pixel_f1"],
-        "val_pixel_f1_tuned": study.best_value,
-        "val_pixel_f1_threshold_only": baseline_f1,
         "val_images": float(len(validation.labels)),
         "held_out_images": float(len(held_out.labels)),
     }
@@ -180,17 +192,19 @@ def tune_and_log(
         name=f"{cfg.category.name}:{output_dir.resolve()}",
         validation=validation,
     )
-    summary = {
-        **tuning.travelling(),
-        "metrics": tuning.metrics,
-        "study": tuning.study.study_name,
-        "storage": storage,
-    }
-    (output_dir / "tuning.json").write_text(json.dumps(summary, indent=2))
-    save_plots(tuning.study, output_dir / "tuning")
-    log_params(
-        {f"{param_prefix}.{k}": v for k, v in tuning.post.as_dict().items()}
-        | {f"{param_prefix}.image_threshold": tuning.image_threshold}
-    )
+    (output_dir / "tuning.json").write_text(json.dumps(_summary(tuning, storage), indent=2))
+    if tuning.study is not None:
+        save_plots(tuning.study, output_dir / "tuning")
+    params = tuning.travelling().get("post_processing", {})
+    params |= {"image_threshold": tuning.image_threshold}
+    log_params({f"{param_prefix}.{k}": v for k, v in params.items()})
     log_metrics(tuning.metrics)
     return tuning
+
+
+def _summary(tuning: Tuning, storage: str) -> dict:
+    """tuning.json: what travels with the bank, the metrics, and where the study is (if any)."""
+    summary = {**tuning.travelling(), "metrics": tuning.metrics}
+    if tuning.study is not None:
+        summary |= {"study": tuning.study.study_name, "storage": storage}
+    return summary
