@@ -9,9 +9,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import tracked
-from patchlab.report import build_report, ui_url
+from patchlab.report import build_report
 from patchlab.summary import bar_chart, compare, heatmap, to_markdown
-from patchlab.tracking import describe, first_error
+from patchlab.tracking import describe, first_error, ui_url
 
 NAN = math.nan
 

@@ -166,6 +166,8 @@ def sweep_runs(store: Path) -> tuple[MlflowClient, list[mlflow.entities.Run]]:
     client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("patchcore")
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    view = json.loads(experiment.tags["mlflow.sharedViewState.patchlab"])
+    assert "metrics.`image_auroc`" in view["selectedColumns"]
     return client, client.search_runs([experiment.experiment_id])
 
 
@@ -194,6 +196,8 @@ def test_readme_joblib_sweep_over_own_part_names(tmp_path) -> None:
         assert inputs["train"].name == job.data.tags["category"] and inputs["train"].digest
         assert '"num_rows": 4' in inputs["train"].profile
     assert parent.info.status == "FINISHED" and parent.data.metrics["failed_categories"] == 0
+    mean = sum(r.data.metrics["image_auroc"] for r in jobs) / 3
+    assert parent.data.metrics["image_auroc"] == pytest.approx(mean)  # the sweep's row: means
     logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert logged >= {"summary.csv", "summary.md", "summary_bars.png", "summary_heatmap.png"}
     scores = (tmp_path / "multirun" / "gear" / "scores.csv").read_text().splitlines()

@@ -34,7 +34,7 @@ from patchlab.summary import (
     setting_columns,
     to_markdown,
 )
-from patchlab.tracking import tracking_uri
+from patchlab.tracking import tracking_uri, ui_url
 
 CATEGORY_FIGURES = (
     "score_distributions.png",
@@ -51,7 +51,6 @@ CONFIG_PARAMS = (
     "data.resize",
     "data.crop_size",
 )
-LOCAL_UI = "http://127.0.0.1:5000"
 STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
@@ -114,11 +113,6 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
         )
     table = compare(pd.DataFrame(rows))
     return table.rename_axis("category" if unique else "run")
-
-
-def ui_url(uri: str) -> str:
-    """A tracking server is its own UI; a local store is opened with `mlflow ui`."""
-    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
 
 
 def _figures(client: MlflowClient, run: Run, assets: Path, downloads: str) -> list[Path]:

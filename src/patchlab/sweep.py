@@ -23,7 +23,9 @@ from patchlab.tracking import (
     experiment_id,
     first_error,
     parent_run_id,
+    runs_view_url,
     tracking_uri,
+    ui_url,
 )
 
 log = logging.getLogger(__name__)
@@ -54,11 +56,8 @@ def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
 def finish_sweep_run(config: DictConfig, run_id: str, table: DataFrame, paths: list[Path]) -> None:
     """Logs the summary on the parent run; FAILED when any category failed."""
     client = MlflowClient(tracking_uri(config.tracking))
-    means = {
-        f"mean_{k}": float(v)
-        for k, v in table.loc["mean"].items()
-        if isinstance(v, float) and v == v
-    }
+    # Under the jobs' own names, so the parent's row in the runs table shows the sweep's mean.
+    means = {k: float(v) for k, v in table.loc["mean"].items() if isinstance(v, float) and v == v}
     failed = int((table.drop(index="mean")["status"] == "FAILED").sum())
     for key, value in (means | {"failed_categories": failed}).items():
         client.log_metric(run_id, key, value)
@@ -66,6 +65,8 @@ def finish_sweep_run(config: DictConfig, run_id: str, table: DataFrame, paths: l
         client.log_artifact(run_id, str(path))
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
     client.set_terminated(run_id, RunStatus.to_string(status))
+    experiment = client.get_run(run_id).info.experiment_id
+    log.info("Compare the runs: %s", runs_view_url(ui_url(client.tracking_uri), experiment))
 
 
 class SweepSummary(Callback):

@@ -1,6 +1,7 @@
 """MLflow: one run per category job, nested under its sweep's run; FAILED with the first error."""
 
 import hashlib
+import json
 import os
 import subprocess
 import warnings
@@ -19,8 +20,25 @@ from omegaconf import DictConfig, OmegaConf
 from patchlab.data.mvtec import Sample
 
 PACKAGES = ("torch", "torchvision", "timm", "pytorch-lightning", "mlflow", "optuna", "patchlab")
-# MLflow 3's UI opens an experiment without this tag on its GenAI traces page, not the runs table.
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# The runs table's default shows no metric or param column; this saved view (MLflow's shared
+# view state, an experiment tag) shows the ones runs are compared on.
+LOCAL_UI = "http://127.0.0.1:5000"
+RUNS_VIEW = "patchlab"
+RUNS_VIEW_STATE = {
+    "selectedColumns": [
+        "attributes.`Dataset`",
+        *(f"metrics.`{m}`" for m in ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1")),
+        *(f"metrics.`{m}`" for m in ("aupro", "fit_seconds")),
+        *(f"params.`{p}`" for p in ("backbone.name", "model.coreset_ratio", "data.crop_size")),
+    ],
+    "orderByKey": "attributes.start_time",
+    "orderByAsc": False,
+}
+# MLflow 3's UI opens an experiment without the kind tag on its GenAI traces page.
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE),
+}
 PARENT_RUN_FILE = ".mlflow_parent_run"  # in the sweep dir: where every job finds its parent run
 
 
@@ -55,6 +73,16 @@ def experiment_id(tracking: DictConfig) -> str:
         if found.tags.get(key) != value:  # an experiment made before, or by another tool
             client.set_experiment_tag(found.experiment_id, key, value)
     return found.experiment_id
+
+
+def ui_url(uri: str) -> str:
+    """A tracking server is its own UI; a local store is opened with `mlflow ui`."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
+def runs_view_url(ui: str, experiment: str) -> str:
+    """The experiment's runs table with the metric and setting columns shown."""
+    return f"{ui}/#/experiments/{experiment}/runs?viewStateShareKey={RUNS_VIEW}"
 
 
 def first_error(error: BaseException) -> BaseException:
