@@ -1,5 +1,7 @@
 """One category, end to end: check data, build the bank, test, write and log the results."""
 
+import ctypes
+import ctypes.util
 import json
 import logging
 import resource
@@ -23,6 +25,7 @@ from patchlab.tuning.study import tune_and_log
 from patchlab.tuning.synthetic import synthetic_validation
 
 log = logging.getLogger(__name__)
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
 def check_bank_size(model: PatchCore, datamodule: AnomalyDataModule) -> None:
@@ -78,6 +81,20 @@ def synthetic_count(cfg: DictConfig) -> int:
     return int(tuning.synthetic_images) if tuning.get("validation") == "synthetic" else 0
 
 
+def release_freed_memory() -> None:
+    """Makes glibc hand every freed buffer of 1 MiB or more back to the OS.
+
+    By default glibc raises its mmap threshold after each free, up to 32 MiB, so the 16 MB
+    per-pixel buffers of metrics and figures come from the heap, whose freed holes stay
+    resident: on bottle that added about 250 MB of peak RSS. A fixed threshold stops the
+    creep at no measurable cost in speed. Elsewhere (macOS, musl) this does nothing.
+    """
+    libc_name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(libc_name) if libc_name else None
+    if libc is not None and hasattr(libc, "mallopt"):
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
 def peak_rss_mb() -> float:
     """Peak resident memory of this process (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -99,6 +116,7 @@ def result_line(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
     """Fits and tests one category; the bank is saved before testing so a failure keeps it."""
+    release_freed_memory()
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model, trainer = build(cfg)
