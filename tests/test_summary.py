@@ -90,7 +90,8 @@ def test_report_selects_by_filter_and_names_runs_apart(two_bottle_runs: Path) ->
     text = markdown.read_text()
     assert "| run | backbone | layers | coreset_ratio |" in text and "started" in text
     html = re.sub(r"base64,[^\"]+", "", page.read_text())
-    assert "overflow-x:auto" in html and "<th></th>" not in html and "nan" not in html
+    assert "overflow-x:auto" in html and "<th>run</th>" in html and "nan" not in html
+    assert "<th>seed</th>" in html and "seed_image_auroc" not in html  # two header rows
     chosen = build_report(
         client,
         "patchcore",

@@ -181,9 +181,21 @@ def _embedded(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def _header(column: str) -> tuple[str, str]:
+    """Two header rows: the metric, then run / seed / difference, so columns stay narrow."""
+    for prefix, label in (("seed_", "seed"), ("diff_", "diff")):
+        if column.startswith(prefix):
+            return column.removeprefix(prefix), label
+    return column, ""
+
+
 def _html_table(table: pd.DataFrame, columns: list[str]) -> str:
-    shown = display_frame(table, columns)
-    return f"<div class='scroll'>{shown.reset_index().to_html(index=False)}</div>"
+    shown = display_frame(table, columns).reset_index()
+    headers = [_header(c) for c in shown.columns]
+    seeded = {metric for metric, label in headers if label == "seed"}
+    headers = [(m, "run" if m in seeded and not label else label) for m, label in headers]
+    shown.columns = pd.MultiIndex.from_tuples(headers)
+    return f"<div class='scroll'>{shown.to_html(index=False)}</div>"
 
 
 def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, assets: Path) -> str:
