@@ -22,6 +22,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+from patchlab.errors import UserError, exit_on_user_error
 from patchlab.summary import (
     TABLE_METRICS,
     bar_chart,
@@ -71,7 +72,10 @@ def select_runs(
         return [client.get_run(run_id) for run_id in run_ids], f"runs {', '.join(run_ids)}"
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise ValueError(f"No MLflow experiment named {experiment!r} at {client.tracking_uri}")
+        raise UserError(
+            f"No MLflow experiment named {experiment!r} at {client.tracking_uri}; pass "
+            "--experiment, or --tracking-uri for another store"
+        )
     query, chosen = "tags.category != ''", []
     if sweep:
         query += f" and tags.sweep = '{Path(sweep).resolve()}'"
@@ -143,7 +147,7 @@ def build_report(
     """
     runs, selection = select_runs(client, experiment, sweep, run_ids, filter_string)
     if not runs:
-        raise ValueError(f"No category runs in experiment {experiment!r} match: {selection}")
+        raise UserError(f"No category runs in experiment {experiment!r} match: {selection}")
     assets = out / "assets"
     assets.mkdir(parents=True, exist_ok=True)
     table = metrics_table(runs)
@@ -224,6 +228,7 @@ def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, ass
     return "\n".join([*parts, "</body></html>"])
 
 
+@exit_on_user_error
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
