@@ -25,7 +25,8 @@ def render_run(run_dir: Path, outputs: TestOutputs | None = None) -> list[Path]:
     of every map read back from disk.
     """
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    outputs = outputs or load_outputs(run_dir / OUTPUTS_FILE)
+    if outputs is None:
+        outputs = load_outputs(run_dir / OUTPUTS_FILE)
     samples = read_samples(run_dir / "scores.csv")
     display = ImageTransform(
         cfg.data.resize, cfg.data.crop_size, cfg.data.mean, cfg.data.std

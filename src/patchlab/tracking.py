@@ -222,12 +222,12 @@ def log_datasets(name: str, splits: dict[str, list[Sample]]) -> None:
     """
     if mlflow.active_run() is None:
         return
-    everything = [s.image.resolve() for samples in splits.values() for s in samples]
-    root = Path(os.path.commonpath(everything))
+    resolved = {name: [s.image.resolve() for s in samples] for name, samples in splits.items()}
+    root = Path(os.path.commonpath([p for paths in resolved.values() for p in paths]))
     for context, samples in splits.items():
         frame = pd.DataFrame(
             {
-                "path": [os.path.relpath(s.image.resolve(), root) for s in samples],
+                "path": [os.path.relpath(path, root) for path in resolved[context]],
                 "defect_type": [s.defect_type for s in samples],
                 "label": [s.label for s in samples],
             }

@@ -43,9 +43,10 @@ def list_images(folder: Path) -> list[Path]:
 
 def require_images(folder: Path, what: str) -> list[Path]:
     """Image files in `folder`, failing early when it is missing or empty."""
-    if not folder.is_dir() or not list_images(folder):
+    images = list_images(folder) if folder.is_dir() else []
+    if not images:
         raise ValueError(f"No {what}: {folder} is missing or has no image files")
-    return list_images(folder)
+    return images
 
 
 def image_size(path: Path) -> tuple[int, int]:
