@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import sys
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
@@ -17,6 +18,23 @@ class UserError(ValueError):
 
     A ValueError, so code that caught the pre-flight ValueErrors before still catches them.
     """
+
+
+class SettingError(UserError):
+    """A setting with a value the code cannot use, raised where the setting is read.
+
+    The message template writes setting names as `{name}`. The code that raises it knows the
+    names but not where a config file keeps them; `named` lets the config layer add that
+    (`{num_neighbors}` -> `model.num_neighbors`), and the plain message shows the bare name.
+    """
+
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.named())
+
+    def named(self, where: Callable[[str], str] = str) -> str:
+        """The message with every `{setting}` replaced by `where(setting)`."""
+        return re.sub(r"\{(\w+)\}", lambda match: where(match.group(1)), self.template)
 
 
 def exit_on_user_error(main: Callable[P, R]) -> Callable[P, R]:

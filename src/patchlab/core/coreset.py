@@ -1,9 +1,11 @@
-"""Greedy k-center coreset selection (PatchCore section 3.2) at the memory-bandwidth floor."""
+"""Memory-bank samplers by name; greedy k-center coreset selection (PatchCore section 3.2)."""
 
 import math
 
 import torch
 from tqdm.auto import tqdm
+
+from patchlab.errors import SettingError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -18,7 +20,29 @@ def random_projection(
     return features.float() @ matrix.to(features.device)
 
 
-class GreedyCoresetSampler:
+class CoresetSampler:
+    """Chooses the memory bank's rows from all training patches; chosen by `sampler=`.
+
+    Configured in `__init__`, stateless between calls: `select` sees the features and a
+    seeded generator, nothing else. Subclasses implement `select`; registering one is one
+    line in SAMPLERS, and its constructor arguments are model settings of the same names.
+    """
+
+    def __init__(self, coreset_ratio: float) -> None:
+        if not 0 < coreset_ratio <= 1:
+            raise SettingError(f"{{coreset_ratio}} must be in (0, 1], got {coreset_ratio}")
+        self.coreset_ratio = coreset_ratio
+
+    def bank_size(self, count: int) -> int:
+        """Rows kept from `count` patches."""
+        return max(1, int(count * self.coreset_ratio))
+
+    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Returns the indices of the kept rows of (N, D) `features`."""
+        raise NotImplementedError
+
+
+class GreedyCoresetSampler(CoresetSampler):
     """Picks the subset whose farthest member is as close as possible to every other patch.
 
     Each step reads the projected features once: one matrix-vector product against
@@ -26,32 +50,32 @@ class GreedyCoresetSampler:
     every buffer allocated before the loop.
 
     Args:
-        ratio: Fraction of patches kept, in (0, 1].
+        coreset_ratio: Fraction of patches kept, in (0, 1].
         projection_dim: Columns of the random projection distances are measured in.
-        dtype: "float32", or "bfloat16"/"float16" to halve the bytes read per step.
+        coreset_dtype: "float32", or "bfloat16"/"float16" to halve the bytes read per step.
         progress: Show a progress bar with steps/s.
     """
 
     def __init__(
         self,
-        ratio: float,
+        coreset_ratio: float,
         projection_dim: int | None = 128,
-        dtype: str = "float32",
+        coreset_dtype: str = "float32",
         progress: bool = True,
     ) -> None:
-        if not 0 < ratio <= 1:
-            raise ValueError(f"coreset_ratio must be in (0, 1], got {ratio}")
-        if dtype not in _DTYPES:
-            raise ValueError(f"coreset_dtype must be one of {list(_DTYPES)}, got {dtype!r}")
-        self.ratio = ratio
+        super().__init__(coreset_ratio)
+        if coreset_dtype not in _DTYPES:
+            raise SettingError(
+                f"{{coreset_dtype}} must be one of {list(_DTYPES)}, got {coreset_dtype!r}"
+            )
         self.projection_dim = projection_dim
-        self.dtype = _DTYPES[dtype]
+        self.dtype = _DTYPES[coreset_dtype]
         self.progress = progress
 
     def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Returns the indices of the coreset rows of (N, D) `features`, in selection order."""
         count = features.shape[0]
-        keep = max(1, int(count * self.ratio))
+        keep = self.bank_size(count)
         if keep >= count:
             return torch.arange(count)
         projected = random_projection(features, self.projection_dim, generator)
@@ -74,3 +98,6 @@ class GreedyCoresetSampler:
             torch.minimum(min_dist, candidate, out=min_dist)
             index = int(min_dist.argmax())
         return selected
+
+
+SAMPLERS: dict[str, type[CoresetSampler]] = {"greedy_coreset": GreedyCoresetSampler}

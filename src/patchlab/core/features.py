@@ -6,6 +6,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from patchlab.errors import SettingError
+
 
 class _DeepestLayerReached(Exception):
     """Raised from a forward hook so that layers past the deepest requested one never run."""
@@ -22,11 +24,11 @@ class FeatureExtractor(nn.Module):
         super().__init__()
         info = {entry["module"]: entry for entry in getattr(model, "feature_info", [])}
         if not layers:
-            raise ValueError("backbone.layers is empty; name at least one feature layer.")
+            raise SettingError("{layers} is empty; name at least one feature layer.")
         unknown = [name for name in layers if name not in info]
         if unknown:
-            raise ValueError(
-                f"Unknown feature layer(s) {unknown} for backbone "
+            raise SettingError(
+                f"Unknown feature layer(s) {unknown} in {{layers}} for backbone "
                 f"{getattr(model, 'default_cfg', {}).get('architecture', type(model).__name__)}; "
                 f"valid names: {list(info)}"
             )

@@ -1,10 +1,10 @@
 """Nearest-neighbour patch scores, the paper's image-score reweighting, and anomaly maps."""
 
-import math
-
-import faiss
 import torch
 import torch.nn.functional as F
+
+from patchlab.core.search import ExactIndex, SearchIndex
+from patchlab.errors import SettingError
 
 
 def nearest_neighbours(
@@ -31,78 +31,50 @@ def nearest_neighbours(
 class NearestNeighbourScorer:
     """Scores patches by their distance to the nearest memory-bank entry.
 
-    `search="exact"` runs the all-patches search through faiss's `IndexFlatL2`, which fuses the
-    distance products with the arg-min in cache-sized blocks: twice as fast as the chunked torch
-    path here, with memory bounded by its blocks. It is the paper's method and the default.
-    Exact search costs (test patches x bank x D) multiply-adds, about 5x the backbone forward's
-    arithmetic on bottle at 10%, so `search="ivf"` offers faiss's inverted-file index instead:
-    the bank is split into `ivf_lists` k-means cells and each patch is compared only with the
-    bank entries of its `ivf_probes` nearest cells. A missed neighbour can only raise a patch's
-    score, never lower it (on bottle at 8 probes: 0.3% of patches, by at most 11%). Only the
-    reweighting's small bank-to-bank search (one anchor per image) uses the torch path.
+    The all-patches search goes through `index` (see `search.py`). Exact search costs
+    (test patches x bank x D) multiply-adds, about 5x the backbone forward's arithmetic on
+    bottle at 10%, which is why the index is replaceable. Only the reweighting's small
+    bank-to-bank search (one anchor per image) uses the exact torch path.
 
     Args:
         num_neighbors: Bank neighbourhood size b of the reweighting (paper eq. 7); 1 turns
             reweighting off and the image score is the largest patch score.
-        search: "exact" or "ivf".
-        ivf_lists: Number of cells; None picks 2 sqrt(bank size) (256 for a 16k bank), at
-            most one per 39 entries. Growing with the square root keeps both the k-means
-            training and the per-patch scan small on big banks.
-        ivf_probes: Cells searched per patch; more is slower and closer to exact.
+        index: The search index over the bank; exact by default.
     """
 
-    def __init__(
-        self,
-        num_neighbors: int = 9,
-        search: str = "exact",
-        ivf_lists: int | None = None,
-        ivf_probes: int = 8,
-    ) -> None:
+    def __init__(self, num_neighbors: int = 9, index: SearchIndex | None = None) -> None:
         if num_neighbors < 1:
-            raise ValueError(f"num_neighbors must be >= 1, got {num_neighbors}")
-        if search not in ("exact", "ivf"):
-            raise ValueError(f"model.search must be 'exact' or 'ivf', got {search!r}")
-        for name, value in (("ivf_lists", ivf_lists), ("ivf_probes", ivf_probes)):
-            if value is not None and value < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {value}")
+            raise SettingError(f"{{num_neighbors}} must be >= 1, got {num_neighbors}")
         self.num_neighbors = num_neighbors
-        self.search = search
-        self.ivf_lists = ivf_lists
-        self.ivf_probes = ivf_probes
+        self.index = index if index is not None else ExactIndex()
         self.bank = torch.empty(0, 0)
-        self.index: faiss.Index | None = None
+
+    def check_bank_size(self, size: int, patches: int | None = None) -> None:
+        """Fails when a bank of `size` entries (chosen from `patches`) cannot be searched.
+
+        The one home of this rule: the model asks it before extracting any features, with
+        the size the bank will have, and `fit` asks it again with the real bank.
+        """
+        if self.num_neighbors > size:
+            source = f" from {patches}" if patches is not None else ""
+            raise SettingError(
+                f"{{num_neighbors}}={self.num_neighbors} is larger than the memory bank "
+                f"({size} patches{source}); lower {{num_neighbors}} or raise {{coreset_ratio}}"
+            )
+        self.index.check_bank_size(size)
 
     def fit(self, bank: torch.Tensor) -> None:
         """Keeps the (M, D) memory bank to score against and builds its search index."""
-        size, dim = bank.shape
-        if self.num_neighbors > size:
-            raise ValueError(
-                f"num_neighbors={self.num_neighbors} is larger than the memory bank "
-                f"({size} patches); lower model.num_neighbors or raise model.coreset_ratio"
-            )
+        self.check_bank_size(len(bank))
         self.bank = bank.float().contiguous()
-        if self.search == "exact":
-            self.index = faiss.IndexFlatL2(dim)
-        else:
-            # faiss's k-means wants at least 39 training entries per cell.
-            lists = self.ivf_lists or max(1, min(round(2 * math.sqrt(size)), size // 39))
-            if lists > size:
-                raise ValueError(
-                    f"model.ivf_lists={lists} is larger than the memory bank ({size} patches); "
-                    "lower it or leave it null to pick 2 sqrt(bank size)"
-                )
-            self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
-            self.index.train(self.bank.numpy())
-            self.index.nprobe = min(self.ivf_probes, lists)
-        self.index.add(self.bank.numpy())
+        self.index.fit(self.bank)
 
     def score(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps (B, P, D) patch embeddings to (B, P) patch scores and (B,) image scores."""
         batch, patches, dim = embeddings.shape
-        flat = embeddings.reshape(-1, dim).float().contiguous()
-        squared, nearest = self.index.search(flat.numpy(), 1)
-        patch_scores = torch.from_numpy(squared).clamp_(min=0).sqrt_().reshape(batch, patches)
-        nearest = torch.from_numpy(nearest).reshape(batch, patches)
+        distances, nearest = self.index.search(embeddings.reshape(-1, dim), 1)
+        patch_scores = distances.reshape(batch, patches)
+        nearest = nearest.reshape(batch, patches)
         top_score, top_patch = patch_scores.max(1)
         if self.num_neighbors == 1:
             return patch_scores, top_score

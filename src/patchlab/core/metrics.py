@@ -155,3 +155,16 @@ def _threshold_metrics(prefix: str, scores: torch.Tensor, truth: torch.Tensor) -
         f"{prefix}_f1_max": f1,
         f"{prefix}_f1_max_threshold": threshold,
     }
+
+
+def precision_recall_f1(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Precision, recall and F1 of boolean decisions over all elements: pixels or images."""
+    truth = truth.bool()
+    tp = int((predicted & truth).sum())
+    fp = int((predicted & ~truth).sum())
+    fn = int((~predicted & truth).sum())
+    return {
+        "precision": tp / max(tp + fp, 1),
+        "recall": tp / max(tp + fn, 1),
+        "f1": 2 * tp / max(2 * tp + fp + fn, 1),
+    }

@@ -1,0 +1,91 @@
+"""Nearest-neighbour search over the memory bank, chosen by `search=` from SEARCH_INDEXES.
+
+An index is one class with `fit(bank)` and `search(queries, k)`; registering it is one line
+in SEARCH_INDEXES. Its constructor arguments are model settings of the same names.
+"""
+
+import math
+
+import faiss
+import torch
+
+from patchlab.errors import SettingError
+
+
+class SearchIndex:
+    """Euclidean k-NN over an (M, D) bank; subclasses choose how exactly."""
+
+    def check_bank_size(self, size: int) -> None:
+        """Raises a SettingError when a bank of `size` entries is too small for this index."""
+
+    def fit(self, bank: torch.Tensor) -> None:
+        """Indexes the (M, D) float32 bank."""
+        raise NotImplementedError
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, D) queries -> (Q, k) distances, ascending, and (Q, k) bank indices."""
+        raise NotImplementedError
+
+
+class _FaissIndex(SearchIndex):
+    def __init__(self) -> None:
+        self.faiss_index: faiss.Index | None = None
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        squared, nearest = self.faiss_index.search(queries.float().contiguous().numpy(), k)
+        return torch.from_numpy(squared).clamp_(min=0).sqrt_(), torch.from_numpy(nearest)
+
+
+class ExactIndex(_FaissIndex):
+    """The paper's exact search, through faiss's `IndexFlatL2`.
+
+    faiss fuses the distance products with the arg-min in cache-sized blocks: twice as fast
+    as a chunked torch search here, with memory bounded by its blocks.
+    """
+
+    def fit(self, bank: torch.Tensor) -> None:
+        self.faiss_index = faiss.IndexFlatL2(bank.shape[1])
+        self.faiss_index.add(bank.numpy())
+
+
+class IVFIndex(_FaissIndex):
+    """faiss's inverted-file index: approximate, several times faster on big banks.
+
+    The bank is split into `ivf_lists` k-means cells and each query is compared only with the
+    bank entries of its `ivf_probes` nearest cells. A missed neighbour can only raise a
+    patch's score, never lower it (on bottle at 8 probes: 0.3% of patches, by at most 11%).
+
+    Args:
+        ivf_lists: Number of cells; None picks 2 sqrt(bank size) (256 for a 16k bank), at
+            most one per 39 entries. Growing with the square root keeps both the k-means
+            training and the per-query scan small on big banks.
+        ivf_probes: Cells searched per query; more is slower and closer to exact.
+    """
+
+    def __init__(self, ivf_lists: int | None = None, ivf_probes: int = 8) -> None:
+        super().__init__()
+        for name, value in (("ivf_lists", ivf_lists), ("ivf_probes", ivf_probes)):
+            if value is not None and value < 1:
+                raise SettingError(f"{{{name}}} must be >= 1, got {value}")
+        self.ivf_lists = ivf_lists
+        self.ivf_probes = ivf_probes
+
+    def check_bank_size(self, size: int) -> None:
+        if self.ivf_lists is not None and self.ivf_lists > size:
+            raise SettingError(
+                f"{{ivf_lists}}={self.ivf_lists} is larger than the memory bank ({size} "
+                "patches); lower it or leave it null to pick 2 sqrt(bank size)"
+            )
+
+    def fit(self, bank: torch.Tensor) -> None:
+        size, dim = bank.shape
+        self.check_bank_size(size)
+        # faiss's k-means wants at least 39 training entries per cell.
+        lists = self.ivf_lists or max(1, min(round(2 * math.sqrt(size)), size // 39))
+        self.faiss_index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
+        self.faiss_index.train(bank.numpy())
+        self.faiss_index.nprobe = min(self.ivf_probes, lists)
+        self.faiss_index.add(bank.numpy())
+
+
+SEARCH_INDEXES: dict[str, type[SearchIndex]] = {"exact": ExactIndex, "ivf": IVFIndex}
