@@ -8,9 +8,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from patchlab.errors import exit_on_user_error
-from patchlab.pipeline import run
-from patchlab.sweep import record_failure
-from patchlab.tracking import tracked_run
+from patchlab.tracking.runs import tracked_run
+from patchlab.tracking.sweep import record_failure
+from patchlab.training.pipeline import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

@@ -19,10 +19,12 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from patchlab.core.coreset import GreedyCoresetSampler
+from patchlab.core.metrics import evaluate
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
-from patchlab.metrics import evaluate
-from patchlab.pipeline import build, peak_rss_mb, run
+from patchlab.core.search import IVFIndex
+from patchlab.training.build import build
+from patchlab.training.pipeline import peak_rss_mb, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = [
@@ -63,7 +65,7 @@ def stages(overrides: list[str]) -> None:
     """Each stage timed on its own, in the order a run does them."""
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("config", overrides=DEFAULTS + overrides)
-    datamodule, model, _ = build(cfg)
+    datamodule, model, _, _ = build(cfg)
     watch = Stopwatch()
     embeddings = {}
     for split, loader in (
@@ -174,13 +176,13 @@ def scaling(dim: int, steps: int, queries: int) -> None:
         scorer = NearestNeighbourScorer(9)
         scorer.fit(features)
         exact.append(timed(scorer.score, patches))
-        scorer = NearestNeighbourScorer(9, "ivf")
+        scorer = NearestNeighbourScorer(9, IVFIndex())
         build = timed(scorer.fit, features)
         ivf.append(timed(scorer.score, patches))
         print(
             f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step"
             f"   scoring exact {exact[-1]:6.2f} s, ivf {ivf[-1]:6.2f} s"
-            f" ({scorer.index.nlist} cells, built in {build:5.1f} s)"
+            f" ({scorer.index.faiss_index.nlist} cells, built in {build:5.1f} s)"
         )
     print(
         f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, "

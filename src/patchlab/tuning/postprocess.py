@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from patchlab.core.scoring import anomaly_maps
-from patchlab.lightning_module import TestOutputs
+from patchlab.outputs import TestOutputs
 
 
 @dataclass(frozen=True)
@@ -62,15 +62,3 @@ def binarize(maps: torch.Tensor, post: PostProcessing) -> torch.Tensor:
         masks = _erode(_dilate(masks, post.close_radius), post.close_radius)
     masks = masks.squeeze(1) > 0.5
     return remove_small_regions(masks, post.min_area) if post.min_area > 0 else masks
-
-
-def pixel_scores(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    """Precision, recall and F1 over all elements: pixels of masks, or image decisions."""
-    truth = truth.bool()
-    tp = int((predicted & truth).sum())
-    fp = int((predicted & ~truth).sum())
-    fn = int((~predicted & truth).sum())
-    precision = tp / max(tp + fp, 1)
-    recall = tp / max(tp + fn, 1)
-    f1 = 2 * tp / max(2 * tp + fp + fn, 1)
-    return {"pixel_precision": precision, "pixel_recall": recall, "pixel_f1": f1}

@@ -13,7 +13,7 @@ def stratified_split(
     A type with at least two images lands in both parts, so each part sees every defect type.
     """
     if not 0 < fraction < 1:
-        raise ValueError(f"threshold.val_fraction must be in (0, 1), got {fraction}")
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     by_type: dict[str, list[int]] = defaultdict(list)
     for index, defect_type in enumerate(defect_types):
         by_type[defect_type].append(index)

@@ -5,10 +5,14 @@ as they are, and with a patch of themselves cut out and pasted elsewhere (Li et 
 """
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from patchlab.lightning_module import PatchCore, TestOutputs
+from patchlab.outputs import TestOutputs
+
+# (B, 3, H, W) images -> (B,) image scores, (B, H, W) maps, (B, h, w) patch scores
+Predict = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def cut_paste(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,16 +35,17 @@ def cut_paste(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Te
 
 
 def synthetic_validation(
-    model: PatchCore, images: torch.Tensor, seed: int, batch_size: int = 16
+    predict: Predict, images: torch.Tensor, seed: int, batch_size: int = 16
 ) -> TestOutputs:
-    """Scores (N, 3, H, W) held-back good images and their CutPaste copies with `model`."""
+    """Scores (N, 3, H, W) held-back good images and their CutPaste copies with `predict`
+    (a fitted model's `predict`)."""
     generator = torch.Generator().manual_seed(seed)
     pasted, masks = zip(*(cut_paste(image, generator) for image in images), strict=True)
     inputs = torch.cat([images, torch.stack(pasted)])
     all_masks = torch.cat(
         [torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8), torch.stack(masks)]
     )
-    parts = [model.predict(chunk) for chunk in inputs.split(batch_size)]
+    parts = [predict(chunk) for chunk in inputs.split(batch_size)]
     scores, maps, grids = (torch.cat(column) for column in zip(*parts, strict=True))
     labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
     return TestOutputs(scores, labels, maps, all_masks, grids)

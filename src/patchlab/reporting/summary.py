@@ -13,7 +13,28 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.seed_results import SEED_METRICS, SEED_RESULTS
+from patchlab.outputs import CONFIG_FILE, METRICS_FILE
+
+# The seed notebook's per-category numbers (EfficientNet-B5, anomalib 0.7), to compare against.
+SEED_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max")
+
+SEED_RESULTS: dict[str, tuple[float, float, float]] = {
+    "bottle": (1.0000, 0.9640, 0.6342),
+    "cable": (0.9878, 0.9740, 0.5952),
+    "capsule": (0.9154, 0.9837, 0.4922),
+    "carpet": (0.9992, 0.9836, 0.5527),
+    "grid": (0.9641, 0.9533, 0.2385),
+    "hazelnut": (0.9993, 0.9810, 0.5772),
+    "leather": (1.0000, 0.9820, 0.3537),
+    "metal_nut": (1.0000, 0.9689, 0.7745),
+    "pill": (0.9569, 0.9528, 0.6050),
+    "screw": (0.9309, 0.9724, 0.2910),
+    "tile": (0.9870, 0.9443, 0.6046),
+    "toothbrush": (0.9889, 0.9799, 0.5543),
+    "transistor": (0.9987, 0.9780, 0.7013),
+    "wood": (0.9798, 0.9083, 0.4600),
+    "zipper": (0.9947, 0.9703, 0.4844),
+}
 
 # pixel_f1 is the honest figure (tuned on validation, scored on held-out images): threshold=optuna.
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1", "image_f1_max", "aupro")
@@ -35,12 +56,12 @@ def config_columns(cfg: DictConfig) -> dict[str, str]:
 
 
 def _job_row(job: Path) -> dict:
-    config = job / "config.yaml"
+    config = job / CONFIG_FILE
     cfg = OmegaConf.load(config) if config.is_file() else None
     row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
     row |= config_columns(cfg) if cfg else {}
-    if (job / "metrics.json").is_file():
-        return row | {"status": "ok", **json.loads((job / "metrics.json").read_text())}
+    if (job / METRICS_FILE).is_file():
+        return row | {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
     if (job / FAILED_FILE).is_file():
         failure = json.loads((job / FAILED_FILE).read_text())
         return row | {"status": "FAILED", "error": failure["error"]}

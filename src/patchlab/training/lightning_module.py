@@ -1,47 +1,40 @@
 """PatchCore as a LightningModule: one pass collects patches, the epoch end builds the bank."""
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytorch_lightning as pl
 import torch
 
-from patchlab.core.coreset import GreedyCoresetSampler
+from patchlab.core.coreset import SAMPLERS, CoresetSampler
 from patchlab.core.features import FeatureExtractor
 from patchlab.core.patches import aggregate_patches, flatten_patches
+from patchlab.core.registry import build
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
+from patchlab.core.search import SEARCH_INDEXES, SearchIndex
+from patchlab.errors import SettingError
+from patchlab.outputs import TestOutputs
 
 # Both are PatchCore by design, not mistakes: it has no optimizer, and its backbone stays frozen
-# in eval mode. A user seeing them would go looking for a bug that is not there.
-warnings.filterwarnings("ignore", message=r".*configure_optimizers.*returned `None`")
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training")
+# in eval mode. A user seeing them would go looking for a bug that is not there. The last is
 # Lightning's own use of a torch API it has not caught up with; nothing a user can change.
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+EXPECTED_WARNINGS = (
+    r".*configure_optimizers.*returned `None`",
+    r".*module\(s\) in eval mode at the start of training",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
 
 _FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
-@dataclass
-class TestOutputs:
-    """Everything the test pass produced, in dataset order, for metrics, figures and tuning."""
-
-    image_scores: torch.Tensor  # (N,)
-    labels: torch.Tensor  # (N,)
-    maps: torch.Tensor  # (N, H, W) anomaly maps at crop resolution
-    masks: torch.Tensor  # (N, H, W) uint8 ground truth; zeros where not `mask_known`
-    patch_scores: torch.Tensor  # (N, h, w) before upsampling and blur: what tuning re-blurs
-    # (N,) bool: pixels labelled (goods always, defects when a mask exists). Defaults to all
-    # True, as test outputs saved before image-only data existed had masks for every image.
-    mask_known: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.mask_known is None:
-            self.mask_known = torch.ones(len(self.labels), dtype=torch.bool)
-
-    @property
-    def pixel_labelled(self) -> bool:
-        """Whether pixel metrics can be computed: False in image-only mode."""
-        return bool(self.mask_known.all())
+@contextmanager
+def expected_warnings_silenced() -> Iterator[None]:
+    """Around `trainer.fit` and `trainer.test` only: other code keeps every warning."""
+    with warnings.catch_warnings():
+        for message in EXPECTED_WARNINGS:
+            warnings.filterwarnings("ignore", message=message)
+        yield
 
 
 class PatchCore(pl.LightningModule):
@@ -60,9 +53,12 @@ class PatchCore(pl.LightningModule):
         seed: Seeds the projection and the coreset's first pick.
         forward_chunk: Images per backbone forward. Bounds activation memory (a 32-image
             forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not change.
-        search: Nearest-neighbour search at test time, "exact" or "ivf" (approximate, faster).
+        search: Test-time nearest-neighbour search: a name in SEARCH_INDEXES ("exact", or
+            "ivf": approximate, faster), built from the settings it names, or an index object.
         ivf_lists: Cells of the "ivf" index; None picks 2 sqrt(bank size).
         ivf_probes: Cells the "ivf" search visits per patch.
+        sampler: How the bank is chosen: a name in SAMPLERS, built from the settings it names
+            (coreset_ratio, projection_dim, coreset_dtype), or a sampler object.
     """
 
     def __init__(
@@ -78,18 +74,36 @@ class PatchCore(pl.LightningModule):
         feature_dtype: str = "float32",
         seed: int = 0,
         forward_chunk: int = 8,
-        search: str = "exact",
+        search: str | SearchIndex = "exact",
         ivf_lists: int | None = None,
         ivf_probes: int = 8,
+        sampler: str | CoresetSampler = "greedy_coreset",
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.backbone = backbone
-        self.sampler = GreedyCoresetSampler(coreset_ratio, projection_dim, coreset_dtype)
-        self.scorer = NearestNeighbourScorer(num_neighbors, search, ivf_lists, ivf_probes)
+        if isinstance(sampler, str):
+            sampler = build(
+                SAMPLERS,
+                sampler,
+                "sampler",
+                coreset_ratio=coreset_ratio,
+                projection_dim=projection_dim,
+                coreset_dtype=coreset_dtype,
+            )
+        if isinstance(search, str):
+            search = build(
+                SEARCH_INDEXES, search, "search", ivf_lists=ivf_lists, ivf_probes=ivf_probes
+            )
+        self.sampler = sampler
+        self.scorer = NearestNeighbourScorer(num_neighbors, search)
         self.embedding_dim = embedding_dim
         self.patch_size = patch_size
         self.blur_sigma = blur_sigma
+        if feature_dtype not in _FEATURE_DTYPES:
+            raise SettingError(
+                f"{{feature_dtype}} must be one of {list(_FEATURE_DTYPES)}, got {feature_dtype!r}"
+            )
         self.feature_dtype = _FEATURE_DTYPES[feature_dtype]
         self.seed = seed
         self.forward_chunk = forward_chunk
@@ -98,6 +112,12 @@ class PatchCore(pl.LightningModule):
         self._filled = 0
         self._test_batches: list[tuple[torch.Tensor, ...]] = []
         self.outputs: TestOutputs | None = None
+
+    def check_bank_size(self, train_images: int, image_size: int) -> None:
+        """Fails before feature extraction when the search would need more bank than exists."""
+        grid = image_size // self.backbone.strides[0]
+        patches = train_images * grid * grid
+        self.scorer.check_bank_size(self.sampler.bank_size(patches), patches)
 
     def configure_optimizers(self) -> None:
         """PatchCore fits no parameters."""

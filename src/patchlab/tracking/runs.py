@@ -40,17 +40,27 @@ EXPERIMENT_TAGS = {
     f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE),
 }
 PARENT_RUN_FILE = ".mlflow_parent_run"  # in the sweep dir: where every job finds its parent run
+DEFAULT_ROOT = "mlruns"  # conf/tracking's `root`; a test keeps the two equal
 
 
 def tracking_uri(tracking: DictConfig) -> str:
     """`tracking.uri`, else MLFLOW_TRACKING_URI, else the sqlite store under `tracking.root`."""
     if tracking.uri:
         return str(tracking.uri)
+    return default_tracking_uri(tracking.root)
+
+
+def default_tracking_uri(root: str | Path = DEFAULT_ROOT) -> str:
+    """Where train.py logs when no URI is given: MLFLOW_TRACKING_URI, else sqlite under `root`.
+
+    The command-line tools start here too, so they read the store train.py wrote from the
+    same folder without loading any config file.
+    """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    root = Path(tracking.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{root / 'mlflow.db'}"
+    folder = Path(root).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
 
 
 def experiment_id(tracking: DictConfig) -> str:

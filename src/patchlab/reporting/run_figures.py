@@ -1,4 +1,4 @@
-"""Per-category figures (seaborn), drawn from saved scores and maps: never re-runs the model."""
+"""Per-run figures (seaborn), drawn from saved scores and maps: never re-runs the model."""
 
 from pathlib import Path
 
@@ -8,10 +8,18 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
+from patchlab.core.metrics import RankedCounts, rank
 from patchlab.data.mvtec import Sample, read_image
-from patchlab.lightning_module import TestOutputs
-from patchlab.metrics import RankedCounts, rank
+from patchlab.outputs import TestOutputs
+from patchlab.reporting.image_figures import showcase_order
 
+# The figures every run gets, in the order reports show them.
+RUN_FIGURES = (
+    "score_distributions.png",
+    "roc_curves.png",
+    "pixel_pr_curve.png",
+    "failure_cases.png",
+)
 CURVE_POINTS = 500  # points drawn per curve: pixel curves have millions of thresholds
 
 
@@ -118,9 +126,9 @@ def _no_masks_note(title: str) -> Figure:
 
 def failure_grid(outputs: TestOutputs, samples: list[Sample], display, count: int) -> Figure:
     """Top row: the most anomalous good images; bottom row: the least anomalous defects."""
-    scores, labels = outputs.image_scores, outputs.labels
-    goods = [int(i) for i in torch.argsort(scores, descending=True) if labels[i] == 0][:count]
-    defects = [int(i) for i in torch.argsort(scores) if labels[i] == 1][:count]
+    scores = outputs.image_scores
+    goods = showcase_order(outputs, "goods")[:count]
+    defects = showcase_order(outputs, "defects")[:count]
     figure = Figure(figsize=(2.2 * count, 5), layout="constrained")
     axes = figure.subplots(2, count, squeeze=False)
     for row, (indices, name) in enumerate(
@@ -148,7 +156,7 @@ def failure_grid(outputs: TestOutputs, samples: list[Sample], display, count: in
     return figure
 
 
-def write_category_figures(
+def write_run_figures(
     outputs: TestOutputs,
     samples: list[Sample],
     display,
@@ -156,7 +164,7 @@ def write_category_figures(
     threshold: float,
     grid_count: int,
 ) -> list[Path]:
-    """Writes the four category figures as PNGs into `folder`."""
+    """Writes RUN_FIGURES as PNGs into `folder`, in that order."""
     folder.mkdir(parents=True, exist_ok=True)
     image = rank(outputs.image_scores, outputs.labels)
     # Sorted once for both pixel figures; None for image-only data.
@@ -168,7 +176,7 @@ def write_category_figures(
         "failure_cases.png": lambda: failure_grid(outputs, samples, display, grid_count),
     }
     paths = []
-    for name, draw in drawers.items():  # one figure alive at a time
-        draw().savefig(folder / name, dpi=90)
+    for name in RUN_FIGURES:  # one figure alive at a time
+        drawers[name]().savefig(folder / name, dpi=90)
         paths.append(folder / name)
     return paths

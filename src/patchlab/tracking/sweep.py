@@ -16,8 +16,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pandas import DataFrame
 
-from patchlab.summary import FAILED_FILE, write_summary
-from patchlab.tracking import (
+from patchlab.reporting.summary import FAILED_FILE, write_summary
+from patchlab.tracking.runs import (
     PARENT_RUN_FILE,
     describe,
     experiment_id,

@@ -1,4 +1,4 @@
-"""Per-image heatmap figures, drawn headless with matplotlib's object API (no pyplot state)."""
+"""Per-image figures: input, anomaly map and overlay, drawn headless (no pyplot state)."""
 
 from collections.abc import Callable
 from pathlib import Path
@@ -7,9 +7,34 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from patchlab.artifacts import showcase_order
 from patchlab.data.mvtec import Sample, read_image
-from patchlab.lightning_module import TestOutputs
+from patchlab.outputs import TestOutputs
+
+SELECTIONS = ("failures", "defects", "goods", "all")
+
+
+def showcase_order(outputs: TestOutputs, selection: str = "failures") -> list[int]:
+    """Which test images to draw, in order.
+
+    `failures`: lowest-scored defects and highest-scored goods, alternating; `defects` or
+    `goods`: only those, hardest first; `all`: every image, most anomalous first.
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"figures.selection must be one of {list(SELECTIONS)}; got {selection!r}")
+    scores, labels = outputs.image_scores, outputs.labels
+    defects = [int(i) for i in torch.argsort(scores) if labels[i] == 1]
+    goods = [int(i) for i in torch.argsort(scores, descending=True) if labels[i] == 0]
+    if selection == "defects":
+        return defects
+    if selection == "goods":
+        return goods
+    if selection == "all":
+        return torch.argsort(scores, descending=True).tolist()
+    order = []
+    for pair in zip(defects, goods, strict=False):
+        order += pair
+    longer = defects if len(defects) > len(goods) else goods
+    return order + longer[min(len(defects), len(goods)) :]
 
 
 def heatmap_figure(

@@ -1,0 +1,96 @@
+"""The config layer: Hydra config -> data module, model and trainer, or a fitted model from a bank.
+
+Constructors name the settings they reject; this layer adds where those live in the config
+(`{num_neighbors}` -> `model.num_neighbors`) and raises everything the user can fix as one
+UserError, with the original error as its cause.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytorch_lightning as pl
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from patchlab.data.datamodule import AnomalyDataModule
+from patchlab.errors import SettingError, UserError
+from patchlab.outputs import read_bank
+from patchlab.training.lightning_module import PatchCore
+from patchlab.tuning.study import ThresholdTuning
+
+T = TypeVar("T")
+# Where bank files written before the package was grouped by concern name their classes.
+MOVED_TARGETS = {
+    "patchlab.lightning_module.PatchCore": "patchlab.training.lightning_module.PatchCore",
+    "patchlab.backbones.create_feature_extractor": (
+        "patchlab.training.backbones.create_feature_extractor"
+    ),
+}
+
+
+def underlying_error(error: Exception) -> Exception:
+    """Hydra wraps a constructor's error in InstantiationException; the cause says what is wrong."""
+    while isinstance(error, InstantiationException) and isinstance(error.__cause__, Exception):
+        error = error.__cause__
+    return error
+
+
+def user_message(error: Exception, group: str) -> str:
+    """The constructor's own message, its settings named by their place under `group`."""
+    error = underlying_error(error)
+    if isinstance(error, SettingError):
+        return error.named(lambda setting: f"{group}.{setting}")
+    return str(error) or type(error).__name__
+
+
+def configured(group: str, make: Callable[[], T]) -> T:
+    """Runs `make`; whatever it raises is the user's to fix in config group `group`."""
+    try:
+        return make()
+    except Exception as error:
+        raise UserError(user_message(error, group)) from error
+
+
+def build_tuning(cfg: DictConfig) -> ThresholdTuning | None:
+    """`threshold=optuna` -> the tuning object; `threshold=none` -> None."""
+    if cfg.get("threshold") is None:
+        return None
+    return configured("threshold", lambda: instantiate(cfg.threshold))
+
+
+def build_model(cfg: DictConfig) -> PatchCore:
+    backbone = configured("backbone", lambda: instantiate(cfg.backbone))
+    return configured("model", lambda: instantiate(cfg.model, backbone=backbone))
+
+
+def build(
+    cfg: DictConfig,
+) -> tuple[AnomalyDataModule, PatchCore, pl.Trainer, ThresholdTuning | None]:
+    """Instantiates data first, so a bad folder fails before any weights are loaded."""
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    tuning = build_tuning(cfg)
+    holdout = tuning.holdout_images if tuning else 0
+    datamodule = configured("data", lambda: instantiate(cfg.data, holdout=holdout))
+    configured("data", datamodule.prepare_data)
+    configured("data", datamodule.setup)
+    model = build_model(cfg)
+    train_images = len(datamodule.train_samples)
+    configured("model", lambda: model.check_bank_size(train_images, datamodule.crop_size))
+    return datamodule, model, configured("trainer", lambda: instantiate(cfg.trainer)), tuning
+
+
+def load_model(path: Path, weights: str | None = None) -> tuple[PatchCore, DictConfig]:
+    """Rebuilds the fitted model from a bank file; `weights` overrides the backbone's source."""
+    bank, metadata = read_bank(path)
+    cfg = OmegaConf.create(metadata["config"])
+    for node in (cfg.model, cfg.backbone):
+        node._target_ = MOVED_TARGETS.get(node._target_, node._target_)
+    if weights is not None:
+        cfg.backbone.weights = weights
+    torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
+    model = build_model(cfg)
+    model.load_bank(bank)
+    return model, cfg
