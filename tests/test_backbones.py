@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from patchlab.backbones import (
+from patchlab.training.backbones import (
     LIST_MODELS,
     LITE2_PACKAGE,
     create_feature_extractor,
@@ -46,7 +46,7 @@ def test_failed_hub_download_names_the_offline_ways(monkeypatch) -> None:
     def offline(name: str, pretrained: bool) -> None:
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr("patchlab.backbones.timm.create_model", offline)
+    monkeypatch.setattr("patchlab.training.backbones.timm.create_model", offline)
     with pytest.raises(RuntimeError, match=r"efficientnet_b5 from the Hugging Face hub") as info:
         create_feature_extractor("efficientnet_b5", ["blocks.2"])
     assert "backbone=efficientnet_lite2 data.root=" in str(info.value)
@@ -89,7 +89,7 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path) -> None:
 
 
 def test_lite2_weights_come_from_the_pip_package(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("patchlab.backbones.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("patchlab.training.backbones.CACHE_DIR", tmp_path)
     extractor = create_feature_extractor(
         "tf_efficientnet_lite2", ["blocks.2", "blocks.4"], weights=LITE2_PACKAGE
     )

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from patchlab.core.coreset import GreedyCoresetSampler, random_projection
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps, nearest_neighbours
+from patchlab.core.search import IVFIndex
 
 CORE = Path(__file__).resolve().parents[1] / "src" / "patchlab" / "core"
 
@@ -52,7 +53,7 @@ def test_coreset_matches_brute_force_greedy() -> None:
 def test_reduced_precision_selects_nearly_the_same_coreset(dtype: str) -> None:
     features = torch.randn(3000, 64, generator=torch.Generator().manual_seed(2)) * 3
     exact = GreedyCoresetSampler(0.05, 32, progress=False)
-    approx = GreedyCoresetSampler(0.05, 32, dtype=dtype, progress=False)
+    approx = GreedyCoresetSampler(0.05, 32, coreset_dtype=dtype, progress=False)
     a = exact.select(features, torch.Generator().manual_seed(0))
     b = approx.select(features, torch.Generator().manual_seed(0))
     overlap = len(set(a.tolist()) & set(b.tolist())) / len(a)
@@ -128,7 +129,7 @@ def test_ivf_visiting_every_cell_is_exact() -> None:
     generator = torch.Generator().manual_seed(5)
     bank = torch.randn(256, 16, generator=generator)
     embeddings = torch.randn(2, 64, 16, generator=generator)
-    exact, approximate = NearestNeighbourScorer(9), NearestNeighbourScorer(9, "ivf", 4, 4)
+    exact, approximate = NearestNeighbourScorer(9), NearestNeighbourScorer(9, IVFIndex(4, 4))
     exact.fit(bank)
     approximate.fit(bank)
     for got, expected in zip(approximate.score(embeddings), exact.score(embeddings), strict=True):
@@ -141,12 +142,13 @@ def test_ivf_only_overestimates_and_mostly_finds_the_neighbour() -> None:
     bank = torch.randn(4096, 32, generator=generator)
     picks = torch.randint(0, 4096, (2000,), generator=generator)
     embeddings = (bank[picks] + 0.3 * torch.randn(2000, 32, generator=generator)).view(4, 500, 32)
-    exact, approximate = NearestNeighbourScorer(1), NearestNeighbourScorer(1, "ivf", None, 8)
+    exact, approximate = NearestNeighbourScorer(1), NearestNeighbourScorer(1, IVFIndex(None, 8))
     exact.fit(bank)
     approximate.fit(bank)
     expected, _ = exact.score(embeddings)
     got, _ = approximate.score(embeddings)
-    assert approximate.index.nlist == 4096 // 39 and approximate.index.nprobe == 8
+    assert approximate.index.faiss_index.nlist == 4096 // 39
+    assert approximate.index.faiss_index.nprobe == 8
     assert (got >= expected - 1e-4).all()
     assert (got - expected).abs().lt(1e-4).float().mean() > 0.99
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.synthetic import make_category, make_folder_layout
 from patchlab.data.datamodule import FolderDataModule, MVTecDataModule
-from synthetic import make_category, make_folder_layout
 
 
 @pytest.fixture

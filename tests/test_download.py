@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers.synthetic import make_category
 from patchlab.data.download import download_mvtec
-from synthetic import make_category
 
 
 @pytest.fixture

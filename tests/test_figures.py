@@ -13,12 +13,12 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from conftest import ROOT, tracked
-from patchlab.category_figures import CURVE_POINTS, _curve
-from patchlab.metrics import rank
-from patchlab.render import render_run
-from patchlab.report import build_report
-from patchlab.summary import TABLE_METRICS
+from helpers.configs import ROOT, tracked
+from patchlab.core.metrics import rank
+from patchlab.reporting.render import render_run
+from patchlab.reporting.report import build_report
+from patchlab.reporting.run_figures import CURVE_POINTS, _curve
+from patchlab.reporting.summary import TABLE_METRICS
 
 EXPECTED_SIZES = {  # (width, height) in pixels: figure inches x dpi
     "figures/score_distributions.png": (720, 342),

@@ -11,13 +11,11 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import save_file
 
-from conftest import compose_config, tracked
-from patchlab.artifacts import BANK_FILE, load_outputs, save_outputs
-from patchlab.bank_io import read_bank
-from patchlab.lightning_module import TestOutputs
-from patchlab.pipeline import run
-from patchlab.render import render_run
-from synthetic import make_category, make_folder_layout
+from helpers.configs import compose_config, tracked
+from helpers.synthetic import make_category, make_folder_layout
+from patchlab.outputs import BANK_FILE, TestOutputs, load_outputs, read_bank, save_outputs
+from patchlab.reporting.render import render_run
+from patchlab.training.pipeline import run
 
 PIXEL_KEYS = {"pixel_auroc", "pixel_f1_max", "pixel_f1_max_threshold", "aupro"}
 TUNED_PIXEL_KEYS = {

@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from patchlab.metrics import aupro, auroc, evaluate, f1_max
+from patchlab.core.metrics import aupro, auroc, evaluate, f1_max
 
 
 def test_auroc_matches_sklearn_on_raw_distances() -> None:

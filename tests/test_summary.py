@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import tracked
-from patchlab.report import build_report
-from patchlab.summary import bar_chart, compare, heatmap, to_markdown
-from patchlab.tracking import describe, first_error, ui_url
+from helpers.configs import tracked
+from patchlab.reporting.report import build_report
+from patchlab.reporting.summary import bar_chart, compare, heatmap, to_markdown
+from patchlab.tracking.runs import describe, first_error, ui_url
 
 NAN = math.nan
 

@@ -10,17 +10,19 @@ from pathlib import Path
 import mlflow
 import pytest
 import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from conftest import ROOT, compose_config, tracked, train_command
-from mlflow_server import mlflow_server
-from patchlab.artifacts import BANK_FILE
-from patchlab.bank_io import load_model, read_bank
-from patchlab.metrics import evaluate
-from patchlab.tracking import tracking_uri
-from synthetic import MVTEC_CATEGORIES, make_category
+from helpers.configs import ROOT, compose_config, tracked, train_command
+from helpers.mlflow_server import mlflow_server
+from helpers.synthetic import MVTEC_CATEGORIES, make_category
+from patchlab.core.metrics import evaluate
+from patchlab.outputs import BANK_FILE, read_bank, save_bank
+from patchlab.tracking.runs import tracking_uri
+from patchlab.training.build import load_model
+from patchlab.training.lightning_module import expected_warnings_silenced
 
 
 def only_run(uri: str) -> mlflow.entities.Run:
@@ -89,12 +91,37 @@ def test_reloaded_bank_reproduces_the_test_metrics(synthetic_root, tmp_path) -> 
     )
     model, cfg = load_model(Path(local))
     assert read_bank(Path(local))[1]["backbone"] == "resnet18"
+    # Banks logged before the package was grouped by concern name the old classes.
+    old = OmegaConf.merge(cfg, {"model": {"_target_": "patchlab.lightning_module.PatchCore"}})
+    old.backbone._target_ = "patchlab.backbones.create_feature_extractor"
+    save_bank(model.memory_bank, old, tmp_path / "old.safetensors")
+    reloaded, _ = load_model(tmp_path / "old.safetensors")
+    assert torch.equal(reloaded.memory_bank, model.memory_bank)
     data = instantiate(cfg.data)
     data.setup()
-    pl.Trainer(logger=False, enable_progress_bar=False).test(model, datamodule=data, verbose=False)
+    with expected_warnings_silenced():
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False)
+        trainer.test(model, datamodule=data, verbose=False)
     out = model.outputs
     again = evaluate(out.image_scores, out.labels, out.maps, out.masks)
     assert {k: again[k] for k in again} == {k: metrics[k] for k in again}
+
+
+def test_retune_cli_tunes_a_threshold_none_run(synthetic_root, tmp_path) -> None:
+    """`python -m patchlab.tune` on a run trained without tuning uses the optuna defaults."""
+    store = tmp_path / "mlruns"
+    tracked([f"data.root={synthetic_root}", f"tracking.root={store}"], tmp_path / "o")
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    run_id = only_run(uri).info.run_id
+    command = [sys.executable, "-m", "patchlab.tune", run_id, "--n-trials", "3"]
+    printed = subprocess.run(
+        [*command, "--tracking-uri", uri], capture_output=True, text=True, check=True, cwd=tmp_path
+    ).stdout
+    assert {"post_processing", "image_threshold", "pixel_f1"} <= set(json.loads(printed))
+    retuned = only_run(uri).data
+    assert "pixel_f1" in retuned.metrics and "val_pixel_f1_tuned" in retuned.metrics
+    assert any(name.startswith("retuned_") for name in retuned.params)
+    assert (store / "optuna.db").is_file()
 
 
 def test_failed_run_is_marked_and_keeps_what_it_logged(synthetic_root, tmp_path) -> None:

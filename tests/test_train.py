@@ -1,5 +1,6 @@
 """The composed pipeline end to end on synthetic data, and its early, clear failures."""
 
+import dataclasses
 import json
 import math
 import shutil
@@ -7,12 +8,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from conftest import ROOT, compose_config, train_command
-from patchlab.pipeline import run
-from synthetic import make_category
+from helpers.configs import ROOT, compose_config, train_command
+from helpers.synthetic import make_category
+from patchlab.core.coreset import SAMPLERS, CoresetSampler
+from patchlab.core.features import FeatureExtractor
+from patchlab.core.scoring import nearest_neighbours
+from patchlab.core.search import SEARCH_INDEXES, SearchIndex
+from patchlab.data.datamodule import AnomalyDataModule
+from patchlab.tracking.runs import DEFAULT_ROOT
+from patchlab.training.lightning_module import PatchCore
+from patchlab.training.pipeline import run
+from patchlab.tuning.study import ThresholdTuning
 
 METRIC_KEYS = {
     "image_auroc",
@@ -40,9 +51,45 @@ def test_ivf_search_visiting_every_cell_reproduces_exact(synthetic_root, tmp_pat
     exact, _, _ = run(compose_config([root]), tmp_path / "exact")
     ivf = compose_config([root, "model.search=ivf", "model.ivf_probes=64"])
     approximate, model, _ = run(ivf, tmp_path / "ivf")
-    assert model.scorer.index.nprobe == model.scorer.index.nlist > 1
+    assert model.scorer.index.faiss_index.nprobe == model.scorer.index.faiss_index.nlist > 1
     for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro"):
         assert approximate[key] == pytest.approx(exact[key], abs=1e-4), key
+
+
+class EveryNthRow(CoresetSampler):
+    """A toy sampler: one class plus one registry line is all a new sampler needs."""
+
+    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return torch.arange(0, len(features), len(features) // self.bank_size(len(features)))[
+            : self.bank_size(len(features))
+        ]
+
+
+class TorchIndex(SearchIndex):
+    """A toy index: exact search in plain torch."""
+
+    def fit(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return nearest_neighbours(queries, self.bank, k)
+
+
+def test_a_registered_sampler_and_index_run_the_pipeline(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(SAMPLERS, "every_nth_row", EveryNthRow)
+    monkeypatch.setitem(SEARCH_INDEXES, "torch", TorchIndex)
+    root = f"data.root={synthetic_root}"
+    toy = compose_config([root, "model.sampler=every_nth_row", "model.search=torch"])
+    metrics, model, _ = run(toy, tmp_path / "toy")
+    assert isinstance(model.sampler, EveryNthRow) and isinstance(model.scorer.index, TorchIndex)
+    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25)
+    # The same bank through faiss's exact index scores the same: only the plug-ins changed.
+    exact = compose_config([root, "model.sampler=every_nth_row"])
+    reference, _, _ = run(exact, tmp_path / "exact")
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert metrics[key] == pytest.approx(reference[key], abs=1e-6), key
 
 
 def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> None:
@@ -54,12 +101,14 @@ def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.coreset_ratio=0", "coreset_ratio must be in"),
-        ("model.coreset_ratio=1.5", "coreset_ratio must be in"),
-        ("model.num_neighbors=500", "num_neighbors=500 is larger than the memory bank"),
-        ("model.search=ivf model.ivf_lists=100000", "ivf_lists=100000 is larger than the memory"),
-        ("model.search=fast", "model.search must be 'exact' or 'ivf'"),
-        ("model.search=ivf model.ivf_probes=0", "ivf_probes must be >= 1"),
+        ("model.coreset_ratio=0", "^model.coreset_ratio must be in"),
+        ("model.coreset_ratio=1.5", "^model.coreset_ratio must be in"),
+        ("model.num_neighbors=500", "^model.num_neighbors=500 is larger than the memory bank"),
+        ("model.search=ivf model.ivf_lists=100000", "^model.ivf_lists=100000 is larger than"),
+        ("model.search=fast", "^model.search must be one of \\['exact', 'ivf'\\], got 'fast'"),
+        ("model.sampler=fast", "^model.sampler must be one of \\['greedy_coreset'\\], got"),
+        ("model.search=ivf model.ivf_probes=0", "^model.ivf_probes must be >= 1"),
+        ("model.feature_dtype=int8", "^model.feature_dtype must be one of"),
         ("backbone.layers=[layer9]", "Unknown feature layer"),
         ("backbone.name=not_a_model", "Unknown backbone.name"),
         ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),
@@ -82,20 +131,51 @@ def test_good_only_test_set_reports_nan_auroc(tmp_path: Path) -> None:
     assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["pixel_auroc"])
 
 
+# What each config group's files build; a group missing here fails the test below.
+BUILDS = {
+    "backbone": FeatureExtractor,
+    "model": PatchCore,
+    "data": AnomalyDataModule,
+    "trainer": pl.Trainer,
+    "threshold": (ThresholdTuning, type(None)),
+}
+
+
 @pytest.mark.parametrize(
     "path", sorted((ROOT / "conf").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.stem}"
 )
-def test_every_config_file_instantiates(path: Path, synthetic_root: Path) -> None:
-    node = OmegaConf.load(path)
-    if "_target_" not in node:
+def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_root) -> None:
+    group, option = path.parent.name, path.stem
+    if group == "category":
+        assert OmegaConf.to_container(OmegaConf.load(path)) == {"name": option}
         return
-    group = path.parent.name
-    config = compose_config([f"data.root={synthetic_root}", f"{group}={path.stem}"])
+    if group == "tracking":  # settings, not an object: the keys tracking/runs.py reads
+        written = OmegaConf.load(path)
+        assert set(written) == {"enabled", "root", "uri", "experiment"}
+        assert written.root == DEFAULT_ROOT
+        return
+    config = compose_config([f"data.root={synthetic_root}", f"{group}={option}"])
+    assert group in BUILDS, f"conf/{group}/ has no expected type in BUILDS"
     if group == "backbone":
         config.backbone.pretrained = False
         config.backbone.weights = None
-    obj = instantiate(config[group], **({"backbone": None} if group == "model" else {}))
-    assert obj is not None
+    if group == "model":
+        built = instantiate(config.model, backbone=instantiate(config.backbone))
+        assert isinstance(built.sampler, CoresetSampler)
+        assert isinstance(built.scorer.index, SearchIndex)
+    else:
+        built = instantiate(config[group]) if config[group] is not None else None
+    assert isinstance(built, BUILDS[group]), type(built)
+
+
+def test_threshold_optuna_yaml_states_the_tuning_defaults() -> None:
+    """The YAML spells out every knob; the class's defaults (used to re-tune runs trained
+    without tuning) must say the same."""
+    written = OmegaConf.load(ROOT / "conf" / "threshold" / "optuna.yaml")
+    defaults = dataclasses.asdict(ThresholdTuning())
+    for key, value in defaults.items():
+        if key not in ("seed", "storage"):  # interpolated from the run's seed and store
+            assert OmegaConf.to_container(written)[key] == value, key
 
 
 @pytest.mark.slow

@@ -7,16 +7,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import compose_config
-from patchlab.artifacts import BANK_FILE
-from patchlab.bank_io import read_bank
-from patchlab.lightning_module import TestOutputs
-from patchlab.pipeline import run
+from helpers.configs import compose_config
+from patchlab.outputs import BANK_FILE, TestOutputs, read_bank
+from patchlab.training.pipeline import run
 from patchlab.tuning.postprocess import PostProcessing, binarize
 from patchlab.tuning.split import stratified_split
-from patchlab.tuning.study import run_tuning
+from patchlab.tuning.study import SEARCH_SPACE, ThresholdTuning
 from patchlab.tuning.synthetic import cut_paste
 
 TYPES = ["good"] * 10 + ["crack"] * 6 + ["hole"] * 5 + ["scratch"] * 2
@@ -64,30 +61,19 @@ def synthetic_outputs(speckle: bool, seed: int = 0) -> TestOutputs:
     )
 
 
-def tuning_config(tmp_path: Path, **space: dict) -> OmegaConf:
-    bounds = {
-        "threshold": {"low": 0.0, "high": 1.0},
-        "sigma": {"low": 0.0, "high": 0.0},
-        "open_radius": {"low": 0, "high": 0},
-        "close_radius": {"low": 0, "high": 0},
-        "min_area": {"low": 0, "high": 0},
-    } | space
-    OmegaConf.save(OmegaConf.create(bounds), tmp_path / "space.yaml")
-    return OmegaConf.create(
-        {
-            "val_fraction": 0.5,
-            "seed": 0,
-            "n_trials": 40,
-            "search_space": str(tmp_path / "space.yaml"),
-        }
-    )
+def tuning_config(storage: str, **space: dict) -> ThresholdTuning:
+    """Only the threshold is searched (no re-blur, no morphology) unless `space` widens a knob."""
+    fixed = {
+        name: {"low": bound["low"], "high": bound["low"]} for name, bound in SEARCH_SPACE.items()
+    }
+    bounds = fixed | {"threshold": SEARCH_SPACE["threshold"], "sigma": {"low": 0.0, "high": 0.0}}
+    bounds |= space
+    return ThresholdTuning(n_trials=40, storage=storage, search_space=bounds)
 
 
 def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=False)
-    tuning = run_tuning(
-        outputs, TYPES, tuning_config(tmp_path), 0.0, f"sqlite:///{tmp_path}/optuna.db", "known"
-    )
+    tuning = tuning_config(f"sqlite:///{tmp_path}/optuna.db").run(outputs, TYPES, 0.0, "known")
     post = tuning.post
     raw = post.low + post.threshold * (post.high - post.low)
     # Any threshold in the gap separates perfectly; the validation optimum sits at its top.
@@ -99,8 +85,8 @@ def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:
 
 def test_opening_is_chosen_to_remove_speckle(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=True)
-    config = tuning_config(tmp_path, open_radius={"low": 0, "high": 3})
-    tuning = run_tuning(outputs, TYPES, config, 0.0, f"sqlite:///{tmp_path}/optuna.db", "speckle")
+    config = tuning_config(f"sqlite:///{tmp_path}/optuna.db", open_radius={"low": 0, "high": 3})
+    tuning = config.run(outputs, TYPES, 0.0, "speckle")
     assert tuning.post.open_radius > 0
     assert (
         tuning.metrics["val_pixel_f1_tuned"] > tuning.metrics["val_pixel_f1_threshold_only"] + 0.05
@@ -109,9 +95,7 @@ def test_opening_is_chosen_to_remove_speckle(tmp_path: Path) -> None:
 
 def test_study_reloads_from_sqlite(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    tuning = run_tuning(
-        synthetic_outputs(False), TYPES, tuning_config(tmp_path), 0.0, storage, "reload"
-    )
+    tuning = tuning_config(storage).run(synthetic_outputs(False), TYPES, 0.0, "reload")
     loaded = optuna.load_study(study_name="reload", storage=storage)
     assert len(loaded.trials) == 40 and loaded.best_value == tuning.study.best_value
     assert loaded.best_params == tuning.study.best_params
@@ -119,14 +103,14 @@ def test_study_reloads_from_sqlite(tmp_path: Path) -> None:
 
 def test_tuning_never_reads_the_held_out_part(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=True)
-    config = tuning_config(tmp_path, open_radius={"low": 0, "high": 3})
-    first = run_tuning(outputs, TYPES, config, 0.0, f"sqlite:///{tmp_path}/a.db", "a")
+    config = tuning_config(None, open_radius={"low": 0, "high": 3})
+    first = config.run(outputs, TYPES, 0.0, "a")
     _, held_out = stratified_split(TYPES, 0.5, seed=0)
     poisoned = synthetic_outputs(speckle=True)
     poisoned.patch_scores[held_out] = torch.rand(len(held_out), 32, 32) * 100
     poisoned.masks[held_out] = 1 - poisoned.masks[held_out]
     poisoned.image_scores[held_out] = -poisoned.image_scores[held_out]
-    second = run_tuning(poisoned, TYPES, config, 0.0, f"sqlite:///{tmp_path}/b.db", "b")
+    second = config.run(poisoned, TYPES, 0.0, "b")
     assert first.post == second.post and first.image_threshold == second.image_threshold
     assert first.metrics["pixel_f1"] != second.metrics["pixel_f1"]
 

@@ -1,0 +1,1 @@
+"""Test helpers: real configs on synthetic data, synthetic categories, a local MLflow server."""
