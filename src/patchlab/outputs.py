@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from patchlab.data.mvtec import Sample
+from patchlab.errors import UserError
 
 BANK_FILE = "memory_bank.safetensors"
 OUTPUTS_FILE = "test_outputs.safetensors"
@@ -22,6 +23,17 @@ SCORES_FILE = "scores.csv"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.json"
 TUNING_FILE = "tuning.json"
+
+# The only classes a bank's config may name. A bank fetched from a shared tracking server is
+# untrusted: its config is read as data, and a `_target_` outside this list is refused before
+# anything is built. Old names are those of banks written before the package was grouped.
+MOVED_TARGETS = {
+    "patchlab.lightning_module.PatchCore": "patchlab.training.lightning_module.PatchCore",
+    "patchlab.backbones.create_feature_extractor": (
+        "patchlab.training.backbones.create_feature_extractor"
+    ),
+}
+ALLOWED_TARGETS = frozenset(MOVED_TARGETS.values())
 
 
 @dataclass
@@ -106,3 +118,59 @@ def read_bank(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
     """Returns the (M, D) bank and its metadata strings."""
     with safe_open(str(path), framework="pt") as file:
         return file.get_tensor("memory_bank"), file.metadata()
+
+
+def _targets(node: object, path: str) -> list[tuple[str, object]]:
+    """Every `_target_` under `node`, with its dotted path."""
+    if isinstance(node, dict):
+        found = [(path, node["_target_"])] if "_target_" in node else []
+        for key, value in node.items():
+            found += _targets(value, f"{path}.{key}" if path else str(key))
+        return found
+    if isinstance(node, list):
+        return [hit for i, value in enumerate(node) for hit in _targets(value, f"{path}[{i}]")]
+    return []
+
+
+def bank_config(path: Path, metadata: dict[str, str]) -> DictConfig:
+    """The run's config from a bank's metadata, checked before anything is built from it.
+
+    The YAML is parsed as data (no tags, no code). Old class names are mapped to their new
+    homes; any other `_target_` in the model or backbone is refused with the key that holds it.
+    """
+    if "config" not in metadata:
+        raise UserError(f"{path} has no 'config' metadata: not a patchlab memory bank")
+    try:
+        cfg = OmegaConf.create(metadata["config"])
+    except Exception as error:
+        raise UserError(f"{path}: its 'config' metadata is not valid YAML: {error}") from error
+    for group in ("model", "backbone"):
+        node = cfg.get(group)
+        if node is None:
+            raise UserError(f"{path}: its config has no '{group}' section")
+        if "_target_" in node:
+            node._target_ = MOVED_TARGETS.get(node._target_, node._target_)
+        for where, target in _targets(OmegaConf.to_container(node), group):
+            if target not in ALLOWED_TARGETS:
+                raise UserError(
+                    f"{path}: refused to load: {where}._target_ is {target!r}, and only "
+                    f"{sorted(ALLOWED_TARGETS)} may be built from a bank file"
+                )
+    return cfg
+
+
+def check_bank(path: Path, bank: torch.Tensor, metadata: dict[str, str], feature_dim: int) -> None:
+    """A bank must be the shape its metadata says and the width its backbone produces."""
+    if bank.ndim != 2:
+        raise UserError(f"{path}: memory_bank has shape {tuple(bank.shape)}, expected (M, D)")
+    for key, actual in (("bank_size", bank.shape[0]), ("feature_dim", bank.shape[1])):
+        if key in metadata and metadata[key] != str(actual):
+            raise UserError(
+                f"{path}: memory_bank has {key} {actual}, metadata says {metadata[key]}"
+            )
+    if bank.shape[1] != feature_dim:
+        raise UserError(
+            f"{path}: memory_bank has {bank.shape[1]} features per patch, but backbone "
+            f"{metadata.get('backbone')} with layers {metadata.get('layers')} makes {feature_dim}: "
+            "the bank was built with another backbone, layers or embedding_dim"
+        )

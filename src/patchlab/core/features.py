@@ -37,6 +37,9 @@ class FeatureExtractor(nn.Module):
         self.channels = [int(info[name]["num_chs"]) for name in self.layers]
         self.strides = [int(info[name]["reduction"]) for name in self.layers]
         self.model = model.eval().requires_grad_(False)
+        # Graph export traces the whole forward, and a trace cannot pass an exception: export
+        # turns this off, and the exporter drops the layers past the deepest as dead code.
+        self.stop_early = True
         self._outputs: dict[str, torch.Tensor] = {}
         for name in self.layers:
             model.get_submodule(name).register_forward_hook(self._make_hook(name))
@@ -46,7 +49,7 @@ class FeatureExtractor(nn.Module):
 
         def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
             self._outputs[name] = output
-            if deepest:
+            if deepest and self.stop_early:
                 raise _DeepestLayerReached
 
         return hook

@@ -2,6 +2,9 @@
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from patchlab.core.features import FeatureExtractor
 
 
 def aggregate_patches(
@@ -36,3 +39,28 @@ def aggregate_patches(
 def flatten_patches(embedding: torch.Tensor) -> torch.Tensor:
     """(B, D, H, W) -> (B, H*W, D), row-major over the grid."""
     return embedding.flatten(2).transpose(1, 2)
+
+
+class PatchEmbedding(nn.Module):
+    """Backbone plus patch aggregation as one module: (B, 3, H, W) -> (B, D, h, w).
+
+    What training runs per image, packaged so that it can be exported as one graph; the
+    memory bank and the search stay outside it.
+    """
+
+    def __init__(
+        self, backbone: FeatureExtractor, patch_size: int = 3, embedding_dim: int | None = None
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.patch_size = patch_size
+        self.embedding_dim = embedding_dim
+
+    @property
+    def feature_dim(self) -> int:
+        """D: what a memory bank built with this embedding must have per row."""
+        channels = sum(self.backbone.channels)
+        return min(channels, self.embedding_dim) if self.embedding_dim else channels
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return aggregate_patches(self.backbone(images), self.patch_size, self.embedding_dim)

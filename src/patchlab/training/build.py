@@ -13,22 +13,15 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.errors import SettingError, UserError
-from patchlab.outputs import read_bank
+from patchlab.outputs import bank_config, check_bank, read_bank
 from patchlab.training.lightning_module import PatchCore
 from patchlab.tuning.study import ThresholdTuning
 
 T = TypeVar("T")
-# Where bank files written before the package was grouped by concern name their classes.
-MOVED_TARGETS = {
-    "patchlab.lightning_module.PatchCore": "patchlab.training.lightning_module.PatchCore",
-    "patchlab.backbones.create_feature_extractor": (
-        "patchlab.training.backbones.create_feature_extractor"
-    ),
-}
 
 
 def underlying_error(error: Exception) -> Exception:
@@ -83,14 +76,17 @@ def build(
 
 
 def load_model(path: Path, weights: str | None = None) -> tuple[PatchCore, DictConfig]:
-    """Rebuilds the fitted model from a bank file; `weights` overrides the backbone's source."""
+    """Rebuilds the fitted model from a bank file; `weights` overrides the backbone's source.
+
+    Only allow-listed classes are built (see `outputs.bank_config`), and a bank that does not
+    fit its backbone is refused.
+    """
     bank, metadata = read_bank(path)
-    cfg = OmegaConf.create(metadata["config"])
-    for node in (cfg.model, cfg.backbone):
-        node._target_ = MOVED_TARGETS.get(node._target_, node._target_)
+    cfg = bank_config(path, metadata)
     if weights is not None:
         cfg.backbone.weights = weights
     torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
     model = build_model(cfg)
+    check_bank(path, bank, metadata, model.feature_dim)
     model.load_bank(bank)
     return model, cfg

@@ -9,7 +9,7 @@ import torch
 
 from patchlab.core.coreset import SAMPLERS, CoresetSampler
 from patchlab.core.features import FeatureExtractor
-from patchlab.core.patches import aggregate_patches, flatten_patches
+from patchlab.core.patches import PatchEmbedding, flatten_patches
 from patchlab.core.registry import build
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import SEARCH_INDEXES, SearchIndex
@@ -99,6 +99,7 @@ class PatchCore(pl.LightningModule):
         self.scorer = NearestNeighbourScorer(num_neighbors, search)
         self.embedding_dim = embedding_dim
         self.patch_size = patch_size
+        self.embedding = PatchEmbedding(backbone, patch_size, embedding_dim)
         self.blur_sigma = blur_sigma
         if feature_dtype not in _FEATURE_DTYPES:
             raise SettingError(
@@ -119,6 +120,10 @@ class PatchCore(pl.LightningModule):
         patches = train_images * grid * grid
         self.scorer.check_bank_size(self.sampler.bank_size(patches), patches)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.embedding.feature_dim
+
     def configure_optimizers(self) -> None:
         """PatchCore fits no parameters."""
 
@@ -126,12 +131,7 @@ class PatchCore(pl.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) images -> (B, D, h, w) locally aggregated patch embeddings."""
         chunks = images.contiguous(memory_format=torch.channels_last).split(self.forward_chunk)
-        return torch.cat(
-            [
-                aggregate_patches(self.backbone(chunk), self.patch_size, self.embedding_dim)
-                for chunk in chunks
-            ]
-        )
+        return torch.cat([self.embedding(chunk) for chunk in chunks])
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         patches = flatten_patches(self.embed(batch["image"]))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from patchlab.core.metrics import evaluate
 from patchlab.data.datamodule import AnomalyDataModule
+from patchlab.deploy.pyfunc import log_model
 from patchlab.outputs import (
     BANK_FILE,
     CONFIG_FILE,
@@ -65,6 +66,17 @@ def result_line(metrics: dict[str, float]) -> str:
     return " ".join(parts)
 
 
+def untuned_decisions(metrics: dict[str, float]) -> dict:
+    """Without threshold=optuna, predict decides at the test set's F1-optimal thresholds.
+
+    Those were read off the test set, as the seed did; the bank says so, and predict warns.
+    """
+    decisions = {"image_threshold": metrics.get("image_f1_max_threshold")}
+    if "pixel_f1_max_threshold" in metrics:
+        decisions["pixel_threshold"] = metrics["pixel_f1_max_threshold"]
+    return decisions | {"thresholds_from": "test set F1-max (threshold=none)"}
+
+
 def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
     """Fits and tests one category; the bank is saved before testing so a failure keeps it."""
     release_freed_memory()
@@ -104,7 +116,11 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
             out, defect_types, output_dir, cfg.model.blur_sigma, name, validation=validation
         )
         metrics |= found.metrics
-        save_bank(model.memory_bank, cfg, output_dir / BANK_FILE, found.travelling())
+        decisions = found.travelling() | {"thresholds_from": "validation (threshold=optuna)"}
+    else:
+        decisions = untuned_decisions(metrics)
+    save_bank(model.memory_bank, cfg, output_dir / BANK_FILE, decisions)
+    log_model(output_dir / BANK_FILE, cfg.tracking)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     write_scores_csv(out, datamodule.test_samples, output_dir / SCORES_FILE)
     render_run(output_dir, out)
