@@ -1,0 +1,121 @@
+"""The run's model as an MLflow pyfunc: `mlflow.pyfunc.load_model`, the Model Registry and
+`mlflow models serve` all score images with it.
+
+Logged as code (`pyfunc_entry.py`, a readable file), not as a pickle, with the bank file as
+its only artifact. Loading it through MLflow runs that file, as every pyfunc load runs the
+model's code; `python -m patchlab.predict models:/NAME@ALIAS` reads only the bank instead.
+"""
+
+import base64
+import io
+import warnings
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from omegaconf import DictConfig
+from PIL import Image
+
+from patchlab.data.mvtec import read_image
+from patchlab.deploy.loading import load_predictor
+from patchlab.deploy.predictor import Prediction
+from patchlab.errors import UserError
+
+MODEL_NAME = "model"  # the logged model's name within its run
+BATCH = 16
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+REQUIREMENTS = ["torch", "torchvision", "timm", "faiss-cpu", "safetensors", "scipy", "pillow"]
+SIGNATURE = ModelSignature(
+    inputs=Schema(
+        [
+            ColSpec("string", "path", required=False),  # a file the server can read
+            ColSpec("string", "image", required=False),  # or the file's bytes, base64
+        ]
+    ),
+    outputs=Schema(
+        [
+            ColSpec("double", "image_score"),
+            ColSpec("double", "normalised_score"),
+            ColSpec("boolean", "anomalous"),
+            ColSpec("long", "defect_area_px", required=False),
+            ColSpec("string", "map_png", required=False),
+            ColSpec("string", "mask_png", required=False),
+        ]
+    ),
+    params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
+)
+
+
+def decode(row: pd.Series) -> torch.Tensor:
+    """One input row -> (3, H, W) uint8; `image` (base64 bytes) wins over `path`."""
+    data = row.get("image")
+    if isinstance(data, str) and data:
+        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    path = row.get("path")
+    if isinstance(path, str) and path:
+        return read_image(Path(path))
+    raise UserError("each row needs 'image' (base64-encoded file bytes) or 'path'")
+
+
+def png_base64(array: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def row_of(prediction: Prediction, return_maps: bool) -> dict:
+    row = {
+        "image_score": prediction.score,
+        "normalised_score": prediction.normalised_score,
+        "anomalous": prediction.anomalous,
+        "defect_area_px": prediction.defect_area,
+    }
+    if return_maps:
+        row["map_png"] = png_base64(np.clip(prediction.map * 65535, 0, 65535).astype(np.uint16))
+        if prediction.mask is not None:
+            row["mask_png"] = png_base64(prediction.mask.astype(np.uint8) * 255)
+    return row
+
+
+class PatchCoreModel(mlflow.pyfunc.PythonModel):
+    """Scores a DataFrame of images (paths or base64 bytes) with the run's bank and decisions."""
+
+    def load_context(self, context) -> None:
+        self.predictor = load_predictor(Path(context.artifacts["bank"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return_maps = bool((params or {}).get("return_maps", False))
+        frame = pd.DataFrame(model_input)
+        rows = []
+        for start in range(0, len(frame), BATCH):
+            images = [decode(row) for _, row in frame.iloc[start : start + BATCH].iterrows()]
+            rows += [row_of(p, return_maps) for p in self.predictor.predict(images)]
+        return pd.DataFrame(rows)
+
+
+def log_model(bank_path: Path, tracking: DictConfig) -> None:
+    """Logs the pyfunc model to the active run; `tracking.register_model` also registers it
+    and points `tracking.model_alias` at the new version."""
+    if mlflow.active_run() is None:
+        return
+    with warnings.catch_warnings():
+        # An input example would make MLflow load the model and score it while logging; the
+        # explicit signature already says what goes in and out.
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(ENTRY),
+            artifacts={"bank": str(bank_path)},
+            signature=SIGNATURE,
+            pip_requirements=REQUIREMENTS,
+        )
+    name = tracking.get("register_model")
+    if name:
+        version = mlflow.register_model(info.model_uri, name)
+        alias = tracking.get("model_alias") or "champion"
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)
