@@ -72,7 +72,7 @@ def cfg(session_cfg: DictConfig, tmp_path: Path) -> DictConfig:
     return copied
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_data_root() -> Path:
     if not (REAL_DATA / "bottle").is_dir():
         pytest.skip(f"real MVTec AD bottle not found at {REAL_DATA} (see shared/data/README.md)")

@@ -1,5 +1,6 @@
 """Starts a real MLflow server (or UI) on 127.0.0.1 at a free port, and stops it."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,8 +18,34 @@ def free_port() -> int:
 
 
 @contextmanager
+def serving(command: list[str], port: int, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Runs `command` (a server on 127.0.0.1:`port`); yields its URL once /health answers."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited: {process.stderr.read().decode()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError(f"server at {url} did not answer within 120 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+@contextmanager
 def mlflow_server(backend: str, artifacts: Path | None = None, ui: bool = False) -> Iterator[str]:
-    """Yields the server's http URL once its health check answers; always stops it."""
+    """A tracking server (or the UI) over `backend`; always stopped."""
     port = free_port()
     command = [
         sys.executable,
@@ -34,24 +61,16 @@ def mlflow_server(backend: str, artifacts: Path | None = None, ui: bool = False)
     ]
     if artifacts is not None:
         command += ["--artifacts-destination", str(artifacts)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"mlflow exited: {process.stderr.read().decode()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise TimeoutError(f"mlflow at {url} did not answer within 90 s")
+    with serving(command, port) as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+
+
+@contextmanager
+def model_server(model_uri: str, tracking_uri: str) -> Iterator[str]:
+    """`mlflow models serve` in this environment (no new virtualenv); always stopped."""
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
+    command += ["--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri}
+    with serving(command, port, env) as url:
+        yield url
