@@ -108,6 +108,17 @@ def test_predict_from_a_run_id_reproduces_the_run(trained: TrainedRun, tmp_path:
     assert len(list((tmp_path / "pred" / "overlays").rglob("*.png"))) == len(trained.scores)
 
 
+def test_predict_from_the_registry_by_alias(trained: TrainedRun, tmp_path: Path) -> None:
+    source = f"models:/{MODEL}@champion"
+    out = tmp_path / "pred"
+    predict_main(
+        [source, str(trained.category / "test"), "--out", str(out), "--tracking-uri", trained.uri]
+    )
+    rows = predictions(out)
+    scores = {path: float(row["image_score"]) for path, row in rows.items()}
+    assert scores == pytest.approx(trained.scores, abs=1e-5)
+
+
 def test_maps_and_masks_come_out_at_each_inputs_size(trained: TrainedRun, tmp_path: Path) -> None:
     source = next(iter(trained.scores))
     inputs = tmp_path / "inputs"

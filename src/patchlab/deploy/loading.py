@@ -41,12 +41,15 @@ def fetch_source(source: str, tracking_uri: str | None, into: Path) -> Path:
         )
     import mlflow
 
+    from patchlab.tracking.runs import tracking_uri_set
+
     try:
-        local = Path(
-            mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(into), tracking_uri=tracking_uri
+        # models:/ URIs are resolved through the registry, which follows the global URI,
+        # not download_artifacts' tracking_uri argument.
+        with tracking_uri_set(tracking_uri or mlflow.get_tracking_uri()):
+            local = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into))
             )
-        )
     except Exception as error:
         raise UserError(f"Could not fetch {source} from {tracking_uri}: {error}") from error
     return local if local.is_file() else bank_in(local)
