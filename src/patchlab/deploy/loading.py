@@ -70,9 +70,9 @@ def load_predictor(bank_path: Path, engine: str = "torch", weights: str | None =
             "them; train it again to get one"
         )
     preprocessing = json.loads(metadata["preprocessing"])
-    return Predictor(
-        embed, bank, OmegaConf.to_container(cfg.model), preprocessing, Decisions.from_extra(extra)
-    )
+    model, decisions = OmegaConf.to_container(cfg.model), Decisions.from_extra(extra)
+    batch_size = int(cfg.data.get("batch_size", 16))
+    return Predictor(embed, bank, model, preprocessing, decisions, batch_size)
 
 
 def predictor_from(

@@ -160,7 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("inputs", nargs="+", metavar="INPUT")
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--engine", default="torch", choices=["torch", "onnx", "openvino"])
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: the run's data.batch_size"
+    )
     parser.add_argument("--overlays", action="store_true", help="also write overlay PNGs")
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
     parser.add_argument("--weights", default=None, help="override the backbone's weights source")
@@ -171,7 +173,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = parse_args(argv)
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = expand_inputs(args.inputs)
     uri = args.tracking_uri or default_tracking_uri()
@@ -182,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
             "threshold=optuna for thresholds tuned on validation data",
             predictor.decisions.thresholds_from,
         )
-    failed = predict_folder(predictor, paths, args.out, args.batch_size, args.overlays)
+    batch_size = args.batch_size or predictor.batch_size
+    failed = predict_folder(predictor, paths, args.out, batch_size, args.overlays)
     if failed:
         log.error("%d of %d images could not be read; see %s", failed, len(paths), PREDICTIONS_FILE)
         sys.exit(1)

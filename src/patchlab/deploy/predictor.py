@@ -103,8 +103,12 @@ class Predictor:
         model: dict,
         preprocessing: dict,
         decisions: Decisions,
+        batch_size: int = 16,
     ) -> None:
         self.embed = embed
+        # The run's test batch: search and convolution rounding depend on the batch, so at
+        # this size a run's own test images get bit-identical scores.
+        self.batch_size = batch_size
         index = build(SEARCH_INDEXES, model.get("search", "exact"), "search", **model)
         self.scorer = NearestNeighbourScorer(model["num_neighbors"], index)
         self.scorer.fit(bank)

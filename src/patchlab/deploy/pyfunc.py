@@ -26,7 +26,6 @@ from patchlab.deploy.predictor import Prediction
 from patchlab.errors import UserError
 
 MODEL_NAME = "model"  # the logged model's name within its run
-BATCH = 16
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 REQUIREMENTS = ["torch", "torchvision", "timm", "faiss-cpu", "safetensors", "scipy", "pillow"]
 SIGNATURE = ModelSignature(
@@ -92,8 +91,9 @@ class PatchCoreModel(mlflow.pyfunc.PythonModel):
         return_maps = bool((params or {}).get("return_maps", False))
         frame = pd.DataFrame(model_input)
         rows = []
-        for start in range(0, len(frame), BATCH):
-            images = [decode(row) for _, row in frame.iloc[start : start + BATCH].iterrows()]
+        batch = self.predictor.batch_size
+        for start in range(0, len(frame), batch):
+            images = [decode(row) for _, row in frame.iloc[start : start + batch].iterrows()]
             rows += [row_of(p, return_maps) for p in self.predictor.predict(images)]
         return pd.DataFrame(rows)
 
