@@ -80,7 +80,8 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
     tuning = json.loads((out / "tuning.json").read_text())
     assert set(tuning) == {"image_threshold", "metrics"}
     assert json.loads(read_bank(out / BANK_FILE)[1]["extra"]) == {
-        "image_threshold": tuning["image_threshold"]
+        "image_threshold": tuning["image_threshold"],
+        "thresholds_from": "validation (threshold=optuna)",
     }
     assert not (out / "tuning").exists()
     for path in (out / "heatmaps").iterdir():
