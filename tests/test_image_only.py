@@ -1,5 +1,6 @@
 """Image-level labels only: no ground_truth/, or a plain folder layout without masks."""
 
+import csv
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ from safetensors.torch import save_file
 
 from helpers.configs import compose_config, tracked
 from helpers.synthetic import make_category, make_folder_layout
+from patchlab.deploy.predict import main as predict_main
 from patchlab.outputs import BANK_FILE, TestOutputs, load_outputs, read_bank, save_outputs
 from patchlab.reporting.render import render_run
 from patchlab.training.pipeline import run
@@ -84,6 +86,13 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
         "thresholds_from": "validation (threshold=optuna)",
     }
     assert not (out / "tuning").exists()
+    # Predicting with it gives image decisions and maps, and no masks: nothing set a pixel
+    # threshold.
+    predict_main([str(out), str(image_only_root / "nomask" / "test"), "--out", str(tmp_path / "p")])
+    with (tmp_path / "p" / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 9 and all(row["defect_area_px"] == "" for row in rows)
+    assert not (tmp_path / "p" / "masks").exists() and (tmp_path / "p" / "maps").is_dir()
     for path in (out / "heatmaps").iterdir():
         os.remove(path)
     render_run(out)
