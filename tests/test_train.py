@@ -151,7 +151,14 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
         return
     if group == "tracking":  # settings, not an object: the keys tracking/runs.py reads
         written = OmegaConf.load(path)
-        assert set(written) == {"enabled", "root", "uri", "experiment"}
+        assert set(written) == {
+            "enabled",
+            "root",
+            "uri",
+            "experiment",
+            "register_model",
+            "model_alias",
+        }
         assert written.root == DEFAULT_ROOT
         return
     config = compose_config([f"data.root={synthetic_root}", f"{group}={option}"])

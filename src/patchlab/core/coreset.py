@@ -2,9 +2,11 @@
 
 import math
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from patchlab.core.pruned_greedy import pruned_greedy
 from patchlab.errors import SettingError
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -100,4 +102,29 @@ class GreedyCoresetSampler(CoresetSampler):
         return selected
 
 
-SAMPLERS: dict[str, type[CoresetSampler]] = {"greedy_coreset": GreedyCoresetSampler}
+class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
+    """The same selection as GreedyCoresetSampler, exact, with most distances never computed.
+
+    See `pruned_greedy.py`: on bottle a step reads ~3% of the patches instead of all of them.
+    Works in float32; asked for float16/bfloat16, and for inputs of at most `PLAIN_BELOW`
+    patches (where compiling would cost more than it saves), it runs the plain loop.
+    """
+
+    PLAIN_BELOW = 2048
+
+    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        count = features.shape[0]
+        keep = self.bank_size(count)
+        if keep >= count or count <= self.PLAIN_BELOW or self.dtype != torch.float32:
+            return super().select(features, generator)
+        projected = random_projection(features, self.projection_dim, generator)
+        first = int(torch.randint(count, (1,), generator=generator))  # the plain loop's draw
+        points = np.ascontiguousarray(projected.cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(pruned_greedy(points, first, keep)).to(features.device)
+
+
+# greedy_coreset is the pruned selector; greedy_coreset_plain the reference loop it must equal.
+SAMPLERS: dict[str, type[CoresetSampler]] = {
+    "greedy_coreset": PrunedGreedyCoresetSampler,
+    "greedy_coreset_plain": GreedyCoresetSampler,
+}
