@@ -1,7 +1,7 @@
 """Where the time and memory of a PatchCore run go, stage by stage, on this machine.
 
     python benchmarks/bench_bottle.py                      # bottle, efficientnet_lite2, seed recipe
-    python benchmarks/bench_bottle.py --scaling            # coreset and scoring vs bank size
+    python benchmarks/bench_bottle.py --scaling            # coreset (50k-2M) and scoring vs N
     python benchmarks/bench_bottle.py model.coreset_dtype=float16   # any Hydra override
 
 Prints numbers; it asserts nothing. The end-to-end figures come from the same `pipeline.run`
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from patchlab.core.coreset import GreedyCoresetSampler
+from patchlab.core.coreset import GreedyCoresetSampler, PrunedGreedyCoresetSampler
 from patchlab.core.metrics import evaluate
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
@@ -160,47 +160,83 @@ def timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def scaling(dim: int, steps: int, queries: int) -> None:
-    """Coreset seconds per selected point and scoring seconds, against bank size N."""
+def bottle_features(overrides: list[str]) -> torch.Tensor:
+    """Bottle's training patches as the pipeline embeds them: (164k, D) at the seed recipe."""
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", overrides=DEFAULTS + overrides)
+    datamodule, model, _, _ = build(cfg)
+    parts = [flatten_patches(model.embed(b["image"])) for b in datamodule.train_dataloader()]
+    return torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
+
+
+def tiled(features: torch.Tensor, size: int, jitter: float = 0.05) -> torch.Tensor:
+    """`size` real-feature-like rows: copies of bottle's patches, each copy but the first
+    moved by Gaussian noise of `jitter` x the features' std (a larger set of similar parts)."""
+    generator = torch.Generator().manual_seed(1)
+    copies = [features]
+    while sum(len(c) for c in copies) < size:
+        noise = torch.randn(features.shape, generator=generator) * (jitter * features.std())
+        copies.append(features + noise)
+    return torch.cat(copies)[:size]
+
+
+def coreset_scaling(features: torch.Tensor, ratio: float, plain_up_to: int) -> None:
+    """Total selection seconds of the pruned and the plain greedy coreset against N."""
+    sizes = [50_000, 100_000, 200_000, 400_000, 800_000, 1_600_000, 2_000_000]
+    print(f"\ncoreset selection at {ratio:.0%} on jittered copies of bottle's patches:")
+    pruned, plain = [], []
+    PrunedGreedyCoresetSampler(ratio, progress=False).select(features[:5000], torch.Generator())
+    for size in sizes:
+        data = tiled(features, size)
+        sampler = PrunedGreedyCoresetSampler(ratio, progress=False)
+        pruned.append(timed(sampler.select, data, torch.Generator().manual_seed(0)))
+        line = f"  N={size:9,d} keep {int(size * ratio):7,d}: pruned {pruned[-1]:7.1f} s"
+        if size <= plain_up_to:
+            sampler = GreedyCoresetSampler(ratio, progress=False)
+            plain.append(timed(sampler.select, data, torch.Generator().manual_seed(0)))
+            line += f", plain loop {plain[-1]:7.1f} s"
+        print(line, flush=True)
+        del data
+    print(f"  growth exponent of total time in N: pruned {growth(sizes, pruned):.2f}", end="")
+    print(f", plain loop {growth(sizes[: len(plain)], plain):.2f} (2.0 = quadratic)")
+
+
+def scoring_scaling(dim: int, queries: int) -> None:
+    """Scoring seconds against bank size N, exact and model.search=ivf."""
     sizes = [50_000, 100_000, 200_000, 400_000, 800_000]
-    per_step, exact, ivf = [], [], []
-    print(
-        f"\nscaling on synthetic features, D={dim}: "
-        f"coreset ({steps} steps), scoring ({queries} patches), exact and model.search=ivf"
-    )
+    exact, ivf = [], []
+    print(f"\nscoring {queries} patches on synthetic banks, D={dim}: exact and ivf")
     patches = torch.randn(1, queries, dim)
     for size in sizes:
         features = torch.randn(size, dim, generator=torch.Generator().manual_seed(0))
-        sampler = GreedyCoresetSampler(steps / size, progress=False)
-        per_step.append(timed(sampler.select, features, torch.Generator().manual_seed(0)) / steps)
         scorer = NearestNeighbourScorer(9)
         scorer.fit(features)
         exact.append(timed(scorer.score, patches))
         scorer = NearestNeighbourScorer(9, IVFIndex())
-        build = timed(scorer.fit, features)
+        build_seconds = timed(scorer.fit, features)
         ivf.append(timed(scorer.score, patches))
         print(
-            f"  N={size:7d}  coreset {per_step[-1] * 1e3:7.2f} ms/step"
-            f"   scoring exact {exact[-1]:6.2f} s, ivf {ivf[-1]:6.2f} s"
-            f" ({scorer.index.faiss_index.nlist} cells, built in {build:5.1f} s)"
+            f"  N={size:7d}  exact {exact[-1]:6.2f} s, ivf {ivf[-1]:6.2f} s"
+            f" ({scorer.index.faiss_index.nlist} cells, built in {build_seconds:5.1f} s)"
         )
-    print(
-        f"  growth exponent: coreset per step {growth(sizes, per_step):.2f}, "
-        f"scoring exact {growth(sizes, exact):.2f}, ivf {growth(sizes, ivf):.2f} (1.0 = linear)"
-    )
+    print(f"  growth exponent: exact {growth(sizes, exact):.2f}, ivf {growth(sizes, ivf):.2f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--scaling", action="store_true", help="synthetic scaling mode")
+    parser.add_argument("--scaling", action="store_true", help="coreset and scoring vs N")
+    parser.add_argument(
+        "--plain-up-to", type=int, default=200_000, help="largest N also run with the plain loop"
+    )
     parser.add_argument("--output", type=Path, default=Path("/tmp/patchlab-bench"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     if args.scaling:
-        scaling(dim=168, steps=200, queries=8192)
+        coreset_scaling(bottle_features(args.overrides), 0.1, args.plain_up_to)
+        scoring_scaling(dim=168, queries=8192)
         return
     end_to_end(args.overrides, args.output)
     stages(args.overrides)

@@ -111,7 +111,7 @@ def save_bank(bank: torch.Tensor, cfg: DictConfig, path: Path, extra: dict | Non
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "extra": json.dumps(extra or {}),
     }
-    save_file({"memory_bank": bank.contiguous()}, str(path), metadata=metadata)
+    save_file({"memory_bank": bank.detach().cpu().contiguous()}, str(path), metadata=metadata)
 
 
 def read_bank(path: Path) -> tuple[torch.Tensor, dict[str, str]]:

@@ -70,7 +70,11 @@ class NearestNeighbourScorer:
         self.index.fit(self.bank)
 
     def score(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Maps (B, P, D) patch embeddings to (B, P) patch scores and (B,) image scores."""
+        """Maps (B, P, D) patch embeddings to (B, P) patch scores and (B,) image scores.
+
+        Scoring runs where the bank is (the CPU); embeddings from a GPU backbone come over.
+        """
+        embeddings = embeddings.to(self.bank.device)
         batch, patches, dim = embeddings.shape
         distances, nearest = self.index.search(embeddings.reshape(-1, dim), 1)
         patch_scores = distances.reshape(batch, patches)

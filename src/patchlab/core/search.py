@@ -32,7 +32,7 @@ class _FaissIndex(SearchIndex):
         self.faiss_index: faiss.Index | None = None
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        squared, nearest = self.faiss_index.search(queries.float().contiguous().numpy(), k)
+        squared, nearest = self.faiss_index.search(queries.float().cpu().contiguous().numpy(), k)
         return torch.from_numpy(squared).clamp_(min=0).sqrt_(), torch.from_numpy(nearest)
 
 

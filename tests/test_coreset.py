@@ -1,0 +1,114 @@
+"""The pruned greedy coreset against the plain loop and a float64 brute force."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patchlab.core.coreset import (
+    SAMPLERS,
+    GreedyCoresetSampler,
+    PrunedGreedyCoresetSampler,
+    random_projection,
+)
+from patchlab.core.pruned_greedy import pruned_greedy
+
+
+def reference(points: np.ndarray, first: int, keep: int) -> list[int]:
+    """Textbook greedy k-center in float64; argmax takes the lowest index among equals."""
+    points = points.astype(np.float64)
+    selected = [first]
+    dist = ((points - points[first]) ** 2).sum(1)
+    for _ in range(keep - 1):
+        selected.append(int(np.argmax(dist)))
+        dist = np.minimum(dist, ((points - points[selected[-1]]) ** 2).sum(1))
+    return selected
+
+
+def coverage(points: np.ndarray, selected: list[int]) -> float:
+    """The k-center objective: how far the worst-covered point is from the selection."""
+    points = points.astype(np.float64)
+    centers = points[selected]
+    squared = (points**2).sum(1)[:, None] + (centers**2).sum(1)[None] - 2 * points @ centers.T
+    return float(np.sqrt(max(squared.min(1).max(), 0.0)))
+
+
+def clustered(count: int, dim: int, seed: int) -> torch.Tensor:
+    """Patch-like features: a few tight clusters on a low-dimensional subspace, as a CNN's."""
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, dim, generator=generator)
+    modes = torch.randn(12, 8, generator=generator) * 4
+    which = torch.randint(12, (count,), generator=generator)
+    latent = modes[which] + torch.randn(count, 8, generator=generator)
+    return latent @ basis + 0.05 * torch.randn(count, dim, generator=generator)
+
+
+@pytest.mark.parametrize(("count", "ratio"), [(3_000, 0.1), (40_000, 0.05)])
+def test_pruned_selection_equals_the_plain_loop(count: int, ratio: float) -> None:
+    features = clustered(count, 96, seed=count)
+    plain = GreedyCoresetSampler(ratio, projection_dim=64, progress=False)
+    pruned = PrunedGreedyCoresetSampler(ratio, projection_dim=64, progress=False)
+    a = plain.select(features, torch.Generator().manual_seed(0)).tolist()
+    b = pruned.select(features, torch.Generator().manual_seed(0)).tolist()
+    if a == b:
+        return
+    # The plain loop rounds |x|^2 - 2 x.c + |c|^2, the pruned one sums differences: they may
+    # part at a near-tie only (here ~1e-5), and then cover the data equally well.
+    points = random_projection(features, 64, torch.Generator().manual_seed(0)).double().numpy()
+    step = next(i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+    distances = ((points[[a[step], b[step]], None] - points[a[:step]][None]) ** 2).sum(-1).min(1)
+    assert distances[0] == pytest.approx(distances[1], rel=1e-5), step
+    assert coverage(points, b) == pytest.approx(coverage(points, a), rel=1e-5)
+
+
+def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_loop() -> None:
+    assert SAMPLERS["greedy_coreset"] is PrunedGreedyCoresetSampler
+    features = clustered(500, 16, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    small = PrunedGreedyCoresetSampler(0.1, progress=False).select(features, generator)
+    again = GreedyCoresetSampler(0.1, progress=False).select(
+        features, torch.Generator().manual_seed(0)
+    )
+    assert small.tolist() == again.tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(1, 120),
+    dim=st.integers(1, 6),
+    levels=st.integers(1, 4),
+    keep_fraction=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_exact_ties_and_duplicates_select_as_the_reference(
+    count: int, dim: int, levels: int, keep_fraction: float, seed: int
+) -> None:
+    """Small integer coordinates: many duplicates and equal distances, all computed exactly,
+    so the tie-breaking (lowest index) alone decides, and it must match."""
+    rng = np.random.default_rng(seed)
+    points = rng.integers(0, levels, size=(count, dim)).astype(np.float32)
+    keep = max(1, int(count * keep_fraction))
+    first = int(rng.integers(count))
+    assert pruned_greedy(points, first, keep).tolist() == reference(points, first, keep)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    count=st.integers(2, 400),
+    dim=st.integers(1, 24),
+    keep_fraction=st.floats(0.01, 0.5),
+    scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_features_reach_the_reference_coverage(
+    count: int, dim: int, keep_fraction: float, scale: float, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    points = (rng.standard_normal((count, dim)) * scale).astype(np.float32)
+    keep = max(1, int(count * keep_fraction))
+    first = int(rng.integers(count))
+    selected = pruned_greedy(points, first, keep).tolist()
+    assert selected[0] == first and len(selected) == keep
+    expected = coverage(points, reference(points, first, keep))
+    assert coverage(points, selected) == pytest.approx(expected, rel=1e-5, abs=1e-6 * scale)
