@@ -106,7 +106,10 @@ def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> No
         ("model.num_neighbors=500", "^model.num_neighbors=500 is larger than the memory bank"),
         ("model.search=ivf model.ivf_lists=100000", "^model.ivf_lists=100000 is larger than"),
         ("model.search=fast", "^model.search must be one of \\['exact', 'ivf'\\], got 'fast'"),
-        ("model.sampler=fast", "^model.sampler must be one of \\['greedy_coreset'\\], got"),
+        (
+            "model.sampler=fast",
+            "^model.sampler must be one of \\['greedy_coreset', 'greedy_coreset_plain'\\], got",
+        ),
         ("model.search=ivf model.ivf_probes=0", "^model.ivf_probes must be >= 1"),
         ("model.feature_dtype=int8", "^model.feature_dtype must be one of"),
         ("backbone.layers=[layer9]", "Unknown feature layer"),
