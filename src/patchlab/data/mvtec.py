@@ -8,14 +8,20 @@ The listing, checking and mask pairing here serve every layout (see `FolderDataM
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
+import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GOOD = "good"
+WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+EXIF_ORIENTATION = 0x0112
+TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
+MASK_LEVEL = 128
 
 
 @dataclass(frozen=True)
@@ -50,14 +56,24 @@ def require_images(folder: Path, what: str) -> list[Path]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """Reads the header and checks the whole file decodes, naming the file when it does not."""
+    """(width, height) once upright; reads the header and checks the whole file decodes,
+    naming the file when it does not."""
     try:
         with Image.open(path) as image:
-            size = image.size
-            image.verify()
+            size, kind = image.size, image.format
+            turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED
+        with Image.open(path) as image:
+            # PNG's verify checks every chunk's CRC without decoding; other formats' verify
+            # reads only headers (a truncated JPEG passes), so they are decoded.
+            if kind == "PNG":
+                image.verify()
+            else:
+                image.load()
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"Refused image file {path}: {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise ValueError(f"Unreadable or corrupt image file {path}: {error}") from error
-    return size
+    return (size[1], size[0]) if turned else size
 
 
 def decodable(images: list[Path]) -> list[Path]:
@@ -161,14 +177,35 @@ class ImageTransform:
         self.display = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)])
 
 
-def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
-    """(C, H, W) uint8 tensor; any error names the file."""
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """16- and 32-bit grayscale scaled to 8 bits (converting directly would clip at 255);
+    palette images with transparency go through RGBA, as Pillow asks."""
+    if image.mode == "P" and "transparency" in image.info:
+        return image.convert("RGBA")
+    if image.mode not in WIDE_GRAY:
+        return image
+    array = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(array / 257.0, 0, 255).round().astype(np.uint8), "L")
+
+
+def decode_image(source: Path | BinaryIO, name: str, mode: str = "RGB") -> torch.Tensor:
+    """(C, H, W) uint8 from a file or file-like object, upright as its EXIF says (phone
+    photos); palette, CMYK, RGBA (alpha dropped) and 16-bit gray become `mode`. Whatever
+    cannot be decoded, including an image over Pillow's MAX_IMAGE_PIXELS (a decompression
+    bomb), raises a ValueError that names `name`."""
     try:
-        with Image.open(path) as image:
-            array = v2.functional.pil_to_tensor(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"Unreadable or corrupt image file {path}: {error}") from error
-    return array
+        with Image.open(source) as image:
+            upright = _eight_bit(ImageOps.exif_transpose(image))
+            return v2.functional.pil_to_tensor(upright.convert(mode))
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"Refused image file {name}: {error}") from error
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"Unreadable or corrupt image file {name}: {error}") from error
+
+
+def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
+    """(C, H, W) uint8 tensor of an image file; any error names the file."""
+    return decode_image(path, str(path), mode)
 
 
 class MVTecDataset(Dataset):
@@ -191,7 +228,10 @@ class MVTecDataset(Dataset):
         if sample.mask is None:
             mask = torch.zeros(image.shape[-2:], dtype=torch.uint8)
         else:
-            mask = (self.transform.mask(read_image(sample.mask, "L"))[0] > 0).to(torch.uint8)
+            # Defect where the mask is at least half-way to white: MVTec's 0/255 masks are
+            # unchanged, and JPEG noise or soft edges in other masks add no defect pixels.
+            mask = self.transform.mask(read_image(sample.mask, "L"))[0] >= MASK_LEVEL
+            mask = mask.to(torch.uint8)
         return {
             "image": image,
             "mask": mask,

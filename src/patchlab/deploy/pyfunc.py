@@ -20,7 +20,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from omegaconf import DictConfig
 from PIL import Image
 
-from patchlab.data.mvtec import read_image
+from patchlab.data.mvtec import decode_image, read_image
 from patchlab.deploy.loading import load_predictor
 from patchlab.deploy.predictor import Prediction
 from patchlab.errors import UserError
@@ -53,8 +53,7 @@ def decode(row: pd.Series) -> torch.Tensor:
     """One input row -> (3, H, W) uint8; `image` (base64 bytes) wins over `path`."""
     data = row.get("image")
     if isinstance(data, str) and data:
-        with Image.open(io.BytesIO(base64.b64decode(data))) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        return decode_image(io.BytesIO(base64.b64decode(data)), "posted image")
     path = row.get("path")
     if isinstance(path, str) and path:
         return read_image(Path(path))
