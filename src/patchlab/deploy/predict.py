@@ -92,8 +92,7 @@ def write_images(
         path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    scaled = np.clip(prediction.map * 65535, 0, 65535).astype(np.uint16)
-    Image.fromarray(scaled).save(target("maps"))
+    Image.fromarray(prediction.map_16bit()).save(target("maps"))
     if prediction.mask is not None:
         Image.fromarray(prediction.mask.astype(np.uint8) * 255).save(target("masks"))
     if overlays:

@@ -65,6 +65,10 @@ class Prediction:
     map: np.ndarray  # (H, W) float32 at the input's size
     mask: np.ndarray | None  # (H, W) bool at the input's size; None without a pixel threshold
 
+    def map_16bit(self) -> np.ndarray:
+        """The map as 16-bit pixels, 32768 = the pixel decision threshold (PNG-ready)."""
+        return np.clip(self.map * 65535, 0, 65535).astype(np.uint16)
+
     @property
     def defect_area(self) -> int | None:
         return None if self.mask is None else int(self.mask.sum())

@@ -74,7 +74,7 @@ def row_of(prediction: Prediction, return_maps: bool) -> dict:
         "defect_area_px": prediction.defect_area,
     }
     if return_maps:
-        row["map_png"] = png_base64(np.clip(prediction.map * 65535, 0, 65535).astype(np.uint16))
+        row["map_png"] = png_base64(prediction.map_16bit())
         if prediction.mask is not None:
             row["mask_png"] = png_base64(prediction.mask.astype(np.uint8) * 255)
     return row
