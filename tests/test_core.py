@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from patchlab.core.coreset import GreedyCoresetSampler, random_projection
 from patchlab.core.patches import aggregate_patches, flatten_patches
-from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps, nearest_neighbours
-from patchlab.core.search import IVFIndex
+from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
+from patchlab.core.search import ExactIndex, IVFIndex, nearest_neighbours
 
 CORE = Path(__file__).resolve().parents[1] / "src" / "patchlab" / "core"
 
@@ -123,6 +123,32 @@ def test_scorer_without_reweighting_takes_the_top_patch() -> None:
     scorer.fit(torch.zeros(4, 2))
     patch_scores, image_scores = scorer.score(torch.tensor([[[3.0, 4.0], [0.0, 1.0]]]))
     assert patch_scores.tolist() == [[5.0, 1.0]] and image_scores.tolist() == [5.0]
+
+
+def test_a_bank_off_the_cpu_is_scored_and_mapped_on_its_own_device() -> None:
+    """A model fitted on a GPU scores there. The meta device stands in for the GPU: any CPU
+    tensor mixed into the search, the reweighting or the map operators would raise."""
+    scorer = NearestNeighbourScorer(num_neighbors=3)
+    scorer.fit(torch.empty(64, 8, device="meta"))
+    patch_scores, image_scores = scorer.score(torch.empty(2, 16, 8, device="meta"))
+    maps = anomaly_maps(patch_scores.reshape(2, 4, 4), (32, 24))
+    assert [t.device.type for t in (patch_scores, image_scores, maps)] == ["meta"] * 3
+    assert (patch_scores.shape, image_scores.shape, maps.shape) == ((2, 16), (2,), (2, 32, 24))
+
+
+def test_exact_index_answers_on_the_queries_device_with_faiss_results() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank, queries = (
+        torch.randn(300, 12, generator=generator),
+        torch.randn(50, 12, generator=generator),
+    )
+    index = ExactIndex()
+    index.fit(bank)
+    dist, nearest = index.search(queries, 4)
+    ref_dist, ref_nearest = nearest_neighbours(queries, bank, 4)
+    assert torch.equal(nearest, ref_nearest)
+    torch.testing.assert_close(dist, ref_dist, rtol=1e-5, atol=1e-5)
+    assert dist.device == queries.device and nearest.dtype == torch.int64
 
 
 def test_ivf_visiting_every_cell_is_exact() -> None:

@@ -12,7 +12,7 @@ from patchlab.core.coreset import (
     PrunedGreedyCoresetSampler,
     random_projection,
 )
-from patchlab.core.pruned_greedy import pruned_greedy
+from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
 
 
 def reference(points: np.ndarray, first: int, keep: int) -> list[int]:
@@ -24,6 +24,13 @@ def reference(points: np.ndarray, first: int, keep: int) -> list[int]:
         selected.append(int(np.argmax(dist)))
         dist = np.minimum(dist, ((points - points[selected[-1]]) ** 2).sum(1))
     return selected
+
+
+def pruned(points: np.ndarray, first: int, keep: int, bound_dims: int) -> list[int]:
+    """The pruned selection with a center-to-center bound over `bound_dims` principal axes
+    (all of them when `bound_dims` >= the points' width)."""
+    mean, basis = bound_basis(points, min(bound_dims, points.shape[1]))
+    return pruned_greedy(points, first, keep, mean, basis).tolist()
 
 
 def coverage(points: np.ndarray, selected: list[int]) -> float:
@@ -79,10 +86,11 @@ def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_l
     dim=st.integers(1, 6),
     levels=st.integers(1, 4),
     keep_fraction=st.floats(0.01, 1.0),
+    bound_dims=st.integers(1, 6),
     seed=st.integers(0, 2**16),
 )
 def test_exact_ties_and_duplicates_select_as_the_reference(
-    count: int, dim: int, levels: int, keep_fraction: float, seed: int
+    count: int, dim: int, levels: int, keep_fraction: float, bound_dims: int, seed: int
 ) -> None:
     """Small integer coordinates: many duplicates and equal distances, all computed exactly,
     so the tie-breaking (lowest index) alone decides, and it must match."""
@@ -90,7 +98,8 @@ def test_exact_ties_and_duplicates_select_as_the_reference(
     points = rng.integers(0, levels, size=(count, dim)).astype(np.float32)
     keep = max(1, int(count * keep_fraction))
     first = int(rng.integers(count))
-    assert pruned_greedy(points, first, keep).tolist() == reference(points, first, keep)
+    selected = pruned(points, first, keep, bound_dims)
+    assert selected == reference(points, first, keep)
 
 
 @settings(max_examples=40, deadline=None)
@@ -99,16 +108,17 @@ def test_exact_ties_and_duplicates_select_as_the_reference(
     dim=st.integers(1, 24),
     keep_fraction=st.floats(0.01, 0.5),
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
+    bound_dims=st.integers(1, 24),
     seed=st.integers(0, 2**16),
 )
 def test_random_features_reach_the_reference_coverage(
-    count: int, dim: int, keep_fraction: float, scale: float, seed: int
+    count: int, dim: int, keep_fraction: float, scale: float, bound_dims: int, seed: int
 ) -> None:
     rng = np.random.default_rng(seed)
     points = (rng.standard_normal((count, dim)) * scale).astype(np.float32)
     keep = max(1, int(count * keep_fraction))
     first = int(rng.integers(count))
-    selected = pruned_greedy(points, first, keep).tolist()
+    selected = pruned(points, first, keep, bound_dims)
     assert selected[0] == first and len(selected) == keep
     expected = coverage(points, reference(points, first, keep))
     assert coverage(points, selected) == pytest.approx(expected, rel=1e-5, abs=1e-6 * scale)

@@ -9,8 +9,10 @@ from every center, is the farthest member of the cluster with the largest radius
 over all patches is needed. The selection is the plain loop's, up to float rounding and ties.
 
 On bottle (164k patches to 16k, projected to 128 dims) a step reads about 3% of the patches.
-The remaining O(keep^2) part is the center-to-center distance per step, kept cheap by
-scanning only centers whose cluster can still lose a member.
+The remaining O(keep^2) part is the center-to-center test per step. It runs on each center's
+first principal components (`bound_basis`): the distance in a subspace never exceeds the full
+one, so a cluster that is too far there is too far, and only the few centers that pass are
+measured in all dimensions. At 800k patches this cut the selection from 143 s to 94 s.
 """
 
 import numpy as np
@@ -21,6 +23,23 @@ from numba.typed import List
 # norms; a cluster is ruled out on it only beyond these margins.
 MARGIN = np.float32(1.001)
 SLACK = np.float32(1e-5)
+
+
+def bound_basis(
+    points: np.ndarray, dims: int, sample: int = 20_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and the top `dims` principal axes, (D,) and (D, dims), of a row sample.
+
+    The axes only decide which centers are measured in full, so any orthonormal basis keeps
+    the selection exact; the principal ones make the bound tight (16 of 128 hold ~90% of
+    bottle's variance).
+    """
+    rows = points[:: max(1, len(points) // sample)].astype(np.float64)
+    mean = rows.mean(0)
+    rows -= mean
+    _, axes = np.linalg.eigh(rows.T @ rows)
+    top = axes[:, ::-1][:, :dims]
+    return mean.astype(np.float32), np.ascontiguousarray(top, dtype=np.float32)
 
 
 @njit(cache=True, fastmath=True)
@@ -93,10 +112,13 @@ def _move_closer(
 
 # fastmath lets the distance sums vectorise (2.4x on bottle); comparisons see no NaN or inf.
 @njit(cache=True, fastmath=True)
-def pruned_greedy(points: np.ndarray, first: int, keep: int) -> np.ndarray:
+def pruned_greedy(
+    points: np.ndarray, first: int, keep: int, mean: np.ndarray, basis: np.ndarray
+) -> np.ndarray:
     """Indices of `keep` rows of the (N, D) float32 `points`, in selection order.
 
-    Distances are squared Euclidean in float32; `first` is the seeded first pick.
+    Distances are squared Euclidean in float32; `first` is the seeded first pick; `mean` and
+    the orthonormal (D, m) `basis` give the center-to-center bound (see `bound_basis`).
     """
     count, dim = points.shape
     selected = np.empty(keep, dtype=np.int64)
@@ -107,12 +129,13 @@ def pruned_greedy(points: np.ndarray, first: int, keep: int) -> np.ndarray:
     sizes = np.zeros(keep, dtype=np.int64)
     members = List()
     moved = np.empty(count, dtype=np.int64)
-    norms = np.empty(keep, dtype=np.float32)  # squared norms of the centers
-    zero = np.zeros((1, dim), dtype=np.float32)
+    low = np.empty((keep, basis.shape[1]), dtype=np.float32)  # centers in the bound's axes
+    norms = np.empty(keep, dtype=np.float32)  # their squared norms
 
     selected[0] = first
     centers[0] = points[first]
-    norms[0] = _sq_dist(centers, 0, zero, 0)
+    low[0] = np.dot(centers[0] - mean, basis)
+    norms[0] = np.dot(low[0], low[0])
     everyone = np.arange(count)
     for i in range(count):
         dist[i] = _sq_dist(points, i, centers, 0)
@@ -125,10 +148,12 @@ def pruned_greedy(points: np.ndarray, first: int, keep: int) -> np.ndarray:
         selected[step] = new
         centers[step] = points[new]
         gathered = 0
-        norms[step] = _sq_dist(centers, step, zero, 0)
-        # All center-to-center distances at once through BLAS; the norm expansion can round,
-        # so it only rules clusters out with a margin, and the exact distance decides.
-        dots = np.dot(centers[:step], centers[step])
+        low[step] = np.dot(centers[step] - mean, basis)
+        norms[step] = np.dot(low[step], low[step])
+        # All center-to-center distances in the bound's axes at once through BLAS: a lower
+        # bound, and the norm expansion can round, so it only rules clusters out with a
+        # margin, and the exact distance decides.
+        dots = np.dot(low[:step], low[step])
         for a in range(step):
             if sizes[a] == 0 or radius[a] == 0.0:
                 continue

@@ -3,29 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from patchlab.core.search import ExactIndex, SearchIndex
+from patchlab.core.search import ExactIndex, SearchIndex, nearest_neighbours
 from patchlab.errors import SettingError
-
-
-def nearest_neighbours(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_size: int = 4096
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact k-NN by Euclidean distance, `chunk_size` queries at a time.
-
-    Memory stays at (chunk_size x bank) floats however many queries come in, instead of the
-    full (queries x bank) matrix.
-
-    Returns:
-        (Q, k) distances, ascending, and (Q, k) bank indices.
-    """
-    bank_sq = bank.square().sum(1)
-    distances, indices = [], []
-    for chunk in queries.split(chunk_size):
-        sq = torch.addmm(bank_sq, chunk, bank.t(), alpha=-2).add_(chunk.square().sum(1, True))
-        dist, index = sq.topk(k, dim=1, largest=False) if k > 1 else sq.min(1, keepdim=True)
-        distances.append(dist.clamp_(min=0).sqrt_())
-        indices.append(index)
-    return torch.cat(distances), torch.cat(indices)
 
 
 class NearestNeighbourScorer:
@@ -72,7 +51,7 @@ class NearestNeighbourScorer:
     def score(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps (B, P, D) patch embeddings to (B, P) patch scores and (B,) image scores.
 
-        Scoring runs where the bank is (the CPU); embeddings from a GPU backbone come over.
+        Scoring runs where the bank is: on a GPU when the model was fitted there.
         """
         embeddings = embeddings.to(self.bank.device)
         batch, patches, dim = embeddings.shape
@@ -82,7 +61,7 @@ class NearestNeighbourScorer:
         top_score, top_patch = patch_scores.max(1)
         if self.num_neighbors == 1:
             return patch_scores, top_score
-        rows = torch.arange(batch)
+        rows = torch.arange(batch, device=patch_scores.device)
         top_features = embeddings[rows, top_patch].float()
         anchor = self.bank[nearest[rows, top_patch]]
         # N_b(m*): the anchor's own neighbourhood in the bank, the anchor itself first.
@@ -122,4 +101,5 @@ def anomaly_maps(
     (height, width), (rows, cols) = size, patch_scores.shape[-2:]
     row_op = _upsample_blur_operator(rows, height, sigma)
     col_op = _upsample_blur_operator(cols, width, sigma)
-    return row_op @ patch_scores.float() @ col_op.t()
+    device = patch_scores.device
+    return row_op.to(device) @ patch_scores.float() @ col_op.to(device).t()

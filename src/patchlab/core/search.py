@@ -2,6 +2,7 @@
 
 An index is one class with `fit(bank)` and `search(queries, k)`; registering it is one line
 in SEARCH_INDEXES. Its constructor arguments are model settings of the same names.
+Indexes answer on the device of the queries; a bank on a GPU is searched there.
 """
 
 import math
@@ -10,6 +11,27 @@ import faiss
 import torch
 
 from patchlab.errors import SettingError
+
+
+def nearest_neighbours(
+    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, chunk_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k-NN by Euclidean distance in torch, on the tensors' device, in query chunks.
+
+    Memory stays at (chunk_size x bank) floats however many queries come in, instead of the
+    full (queries x bank) matrix.
+
+    Returns:
+        (Q, k) distances, ascending, and (Q, k) bank indices.
+    """
+    bank_sq = bank.square().sum(1)
+    distances, indices = [], []
+    for chunk in queries.split(chunk_size):
+        sq = torch.addmm(bank_sq, chunk, bank.t(), alpha=-2).add_(chunk.square().sum(1, True))
+        dist, index = sq.topk(k, dim=1, largest=False) if k > 1 else sq.min(1, keepdim=True)
+        distances.append(dist.clamp_(min=0).sqrt_())
+        indices.append(index)
+    return torch.cat(distances), torch.cat(indices)
 
 
 class SearchIndex:
@@ -33,23 +55,41 @@ class _FaissIndex(SearchIndex):
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         squared, nearest = self.faiss_index.search(queries.float().cpu().contiguous().numpy(), k)
-        return torch.from_numpy(squared).clamp_(min=0).sqrt_(), torch.from_numpy(nearest)
+        distances = torch.from_numpy(squared).clamp_(min=0).sqrt_()
+        return distances.to(queries.device), torch.from_numpy(nearest).to(queries.device)
 
 
 class ExactIndex(_FaissIndex):
-    """The paper's exact search, through faiss's `IndexFlatL2`.
+    """The paper's exact search: faiss's `IndexFlatL2` on the CPU, torch on a GPU.
 
-    faiss fuses the distance products with the arg-min in cache-sized blocks: twice as fast
-    as a chunked torch search here, with memory bounded by its blocks.
+    On the CPU faiss fuses the distance products with the arg-min in cache-sized blocks: twice
+    as fast as the chunked torch search here, with memory bounded by its blocks. A bank on a
+    GPU stays there and is searched with `nearest_neighbours` (faiss-gpu is not on PyPI).
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.bank: torch.Tensor | None = None
+
     def fit(self, bank: torch.Tensor) -> None:
+        if bank.device.type != "cpu":
+            self.bank, self.faiss_index = bank, None
+            return
+        self.bank = None
         self.faiss_index = faiss.IndexFlatL2(bank.shape[1])
         self.faiss_index.add(bank.numpy())
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.bank is not None:
+            return nearest_neighbours(queries.float().to(self.bank.device), self.bank, k)
+        return super().search(queries, k)
 
 
 class IVFIndex(_FaissIndex):
     """faiss's inverted-file index: approximate, several times faster on big banks.
+
+    It runs on the CPU wherever the bank is (faiss-gpu is not on PyPI); results come back on
+    the queries' device.
 
     The bank is split into `ivf_lists` k-means cells and each query is compared only with the
     bank entries of its `ivf_probes` nearest cells. A missed neighbour can only raise a
@@ -83,9 +123,10 @@ class IVFIndex(_FaissIndex):
         # faiss's k-means wants at least 39 training entries per cell.
         lists = self.ivf_lists or max(1, min(round(2 * math.sqrt(size)), size // 39))
         self.faiss_index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, lists)
-        self.faiss_index.train(bank.numpy())
+        bank = bank.cpu().numpy()
+        self.faiss_index.train(bank)
         self.faiss_index.nprobe = min(self.ivf_probes, lists)
-        self.faiss_index.add(bank.numpy())
+        self.faiss_index.add(bank)
 
 
 SEARCH_INDEXES: dict[str, type[SearchIndex]] = {"exact": ExactIndex, "ivf": IVFIndex}
