@@ -10,7 +10,14 @@ from mlflow.tracking import MlflowClient
 
 from helpers.configs import tracked
 from patchlab.reporting.report import build_report
-from patchlab.reporting.summary import bar_chart, compare, heatmap, to_markdown
+from patchlab.reporting.summary import (
+    bar_chart,
+    compare,
+    heatmap,
+    selection,
+    selection_markdown,
+    to_markdown,
+)
 from patchlab.tracking.runs import describe, first_error, ui_url
 
 NAN = math.nan
@@ -99,3 +106,38 @@ def test_report_selects_by_filter_and_names_runs_apart(two_bottle_runs: Path) ->
         filter_string="params.model.coreset_ratio = '0.25'",
     )[0]
     assert chosen.loc["bottle", "coreset_ratio"] == "0.25"
+
+
+def test_selection_picks_by_the_validation_metric_never_a_held_out_one() -> None:
+    rows = pd.DataFrame(
+        [
+            {
+                "category": "a",
+                "status": "ok",
+                "optimized_metric": "val_pixel_auroc",
+                "val_pixel_auroc": 0.90,
+                "held_out_pixel_auroc": 0.50,
+                "pixel_auroc": 0.50,
+            },
+            {
+                "category": "b",
+                "status": "ok",
+                "optimized_metric": "val_pixel_auroc",
+                "val_pixel_auroc": 0.80,
+                "held_out_pixel_auroc": 0.99,
+                "pixel_auroc": 0.99,
+            },
+            {"category": "c", "status": "FAILED", "optimized_metric": "val_pixel_auroc"},
+        ]
+    )
+    picked = selection(rows)
+    assert picked.index.tolist() == ["a", "b"] and picked["picked"].tolist() == ["yes", ""]
+    markdown = selection_markdown(picked)
+    assert "Picked **a** (val_pixel_auroc 0.9000)" in markdown
+    assert "held_out_pixel_auroc 0.5000" in markdown
+    assert "| a | yes | 0.9000 | 0.5000 |" in markdown
+
+
+def test_a_test_metric_picks_nothing() -> None:
+    rows = results(["a", "b"]).assign(optimized_metric="pixel_auroc")
+    assert selection(rows) is None

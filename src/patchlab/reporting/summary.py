@@ -40,6 +40,9 @@ SEED_RESULTS: dict[str, tuple[float, float, float]] = {
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1", "image_f1_max", "aupro")
 # What tells two runs of one category apart.
 CONFIG_COLUMNS = ("backbone", "layers", "coreset_ratio", "num_neighbors", "resolution")
+# What a model-selection sweep reports for each configuration beside its validation metric:
+# figures on the held-out half of the split, which no choice has seen.
+HELD_OUT_METRICS = ("held_out_image_auroc", "held_out_pixel_auroc", "held_out_aupro", "pixel_f1")
 FAILED_FILE = "failed.json"
 MISSING = "-"
 
@@ -48,7 +51,7 @@ def config_columns(cfg: DictConfig) -> dict[str, str]:
     """The distinguishing settings of one run, as its table row shows them."""
     return {
         "backbone": str(cfg.backbone.name),
-        "layers": ",".join(cfg.backbone.layers),
+        "layers": ",".join(cfg.backbone.layers) if cfg.backbone.get("layers") else "per member",
         "coreset_ratio": f"{cfg.model.coreset_ratio:g}",
         "num_neighbors": str(cfg.model.num_neighbors),
         "resolution": f"{cfg.data.resize}/{cfg.data.crop_size}",
@@ -59,7 +62,7 @@ def _job_row(job: Path) -> dict:
     config = job / CONFIG_FILE
     cfg = OmegaConf.load(config) if config.is_file() else None
     row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
-    row |= config_columns(cfg) if cfg else {}
+    row |= config_columns(cfg) | {"optimized_metric": cfg.optimized_metric} if cfg else {}
     if (job / METRICS_FILE).is_file():
         return row | {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
     if (job / FAILED_FILE).is_file():
@@ -97,6 +100,46 @@ def compare(results: pd.DataFrame) -> pd.DataFrame:
     mean = finished.drop(columns=["status", "error", *configs]).mean(numeric_only=True)
     table.loc["mean"] = {**mean.to_dict(), "status": f"{len(finished)}/{len(table)} ok"}
     return table
+
+
+def selection(results: pd.DataFrame) -> pd.DataFrame | None:
+    """Finished jobs ranked by the sweep's validation metric, best first, the pick marked.
+
+    The metric is `optimized_metric`; only a validation metric (`val_...`) may pick, so for
+    any other there is no selection (None). Held-out columns are shown, never used.
+    """
+    if "optimized_metric" not in results or results["optimized_metric"].isna().all():
+        return None
+    metric = str(results["optimized_metric"].dropna().iloc[0])
+    if not metric.startswith("val_") or metric not in results:
+        return None
+    ranked = results[(results["status"] == "ok") & results[metric].notna()]
+    if ranked.empty:
+        return None
+    ranked = ranked.sort_values(metric, ascending=False, kind="stable").set_index("category")
+    held_out = [c for c in HELD_OUT_METRICS if c in ranked]
+    shown = ranked[[*setting_columns(ranked), metric, *held_out]].copy()
+    shown.insert(0, "picked", ["yes"] + ["" for _ in range(len(shown) - 1)])
+    return shown
+
+
+def selection_markdown(picked: pd.DataFrame) -> str:
+    """The ranking and the pick's held-out numbers, saying which column chose."""
+    metric = next(c for c in picked.columns if c.startswith("val_"))
+    best = picked.iloc[0]
+    held_out = ", ".join(
+        f"{c} {cell(float(best[c]))}" for c in HELD_OUT_METRICS if c in picked.columns
+    )
+    shown = picked.map(lambda v: cell(float(v)) if isinstance(v, float) else str(v))
+    lines = [
+        f"## Model selection by {metric} (validation half only)",
+        "",
+        f"Picked **{picked.index[0]}** ({metric} {cell(float(best[metric]))}). Held out, seen "
+        f"by no choice: {held_out}.",
+        "",
+        *_markdown_table(shown.rename_axis("job")),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def setting_columns(table: pd.DataFrame) -> list[str]:
@@ -207,15 +250,22 @@ def heatmap(table: pd.DataFrame) -> Figure:
     return figure
 
 
-def write_summary(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
-    """Writes summary.csv, summary.md and the two plots into the sweep dir."""
-    table = compare(collect(sweep_dir))
+def write_summary(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, list[Path]]:
+    """Writes summary.csv, summary.md and the two plots into the sweep dir, and selection.csv
+    when `optimized_metric` is a validation metric; returns the table, the ranking and paths."""
+    results = collect(sweep_dir)
+    table, picked = compare(results), selection(results)
     paths = [
         sweep_dir / name
         for name in ("summary.csv", "summary.md", "summary_bars.png", "summary_heatmap.png")
     ]
     table.to_csv(paths[0])
-    paths[1].write_text(to_markdown(table))
+    markdown = to_markdown(table)
+    if picked is not None:
+        paths.append(sweep_dir / "selection.csv")
+        picked.to_csv(paths[-1])
+        markdown = selection_markdown(picked) + "\n" + markdown
+    paths[1].write_text(markdown)
     bar_chart(table).savefig(paths[2], dpi=90)
     heatmap(table).savefig(paths[3], dpi=90)
-    return table, paths
+    return table, picked, paths

@@ -53,12 +53,26 @@ def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
     return run.info.run_id
 
 
-def finish_sweep_run(config: DictConfig, run_id: str, table: DataFrame, paths: list[Path]) -> None:
-    """Logs the summary on the parent run; FAILED when any category failed."""
+def finish_sweep_run(
+    config: DictConfig,
+    run_id: str,
+    table: DataFrame,
+    picked: DataFrame | None,
+    paths: list[Path],
+) -> None:
+    """Logs the summary on the parent run; FAILED when any category failed.
+
+    A model-selection sweep also gets the picked job as a tag and its numbers as
+    `selected_<metric>`.
+    """
     client = MlflowClient(tracking_uri(config.tracking))
     # Under the jobs' own names, so the parent's row in the runs table shows the sweep's mean.
     means = {k: float(v) for k, v in table.loc["mean"].items() if isinstance(v, float) and v == v}
     failed = int((table.drop(index="mean")["status"] == "FAILED").sum())
+    if picked is not None:
+        best = picked.iloc[0]
+        client.set_tag(run_id, "selected_job", str(picked.index[0]))
+        means |= {f"selected_{k}": float(v) for k, v in best.items() if isinstance(v, float)}
     for key, value in (means | {"failed_categories": failed}).items():
         client.log_metric(run_id, key, value)
     for path in paths:
@@ -80,14 +94,14 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         run_id = parent_run_id(str(sweep_dir)) if config.tracking.enabled else None
         try:
-            table, paths = write_summary(sweep_dir)
+            table, picked, paths = write_summary(sweep_dir)
         except Exception:
             if run_id:  # never leave the sweep's run looking as if it were still going
                 MlflowClient(tracking_uri(config.tracking)).set_terminated(run_id, "FAILED")
             raise
         log.info("Sweep summary:\n%s", paths[1].read_text())
         if run_id:
-            finish_sweep_run(config, run_id, table, paths)
+            finish_sweep_run(config, run_id, table, picked, paths)
         failed = table[table["status"] == "FAILED"].index.tolist()
         if failed:
             # Hydra turns a callback's exception into a warning; a sweep with failures must

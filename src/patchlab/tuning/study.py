@@ -15,7 +15,7 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.metrics import f1_max, precision_recall_f1
+from patchlab.core.metrics import evaluate, f1_max, precision_recall_f1
 from patchlab.errors import SettingError
 from patchlab.outputs import TUNING_FILE, TestOutputs
 from patchlab.tracking.runs import log_metrics, log_params
@@ -84,6 +84,17 @@ def _objective(validation: TestOutputs, space: Mapping):
         return precision_recall_f1(predicted, validation.masks)["f1"]
 
     return objective
+
+
+def split_metrics(prefix: str, part: TestOutputs) -> dict[str, float]:
+    """Threshold-free metrics of one part of the split, named `<prefix>_<metric>`.
+
+    Model selection reads the `val_` ones; the `held_out_` ones report what was chosen on
+    images no choice has seen.
+    """
+    masks = part.masks if part.pixel_labelled else None
+    found = evaluate(part.image_scores, part.labels, part.maps, masks)
+    return {f"{prefix}_{k}": v for k, v in found.items() if not k.endswith("_threshold")}
 
 
 def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
@@ -194,6 +205,7 @@ class ThresholdTuning:
                 metrics |= _prefixed("pixel", precision_recall_f1(predicted, held_out.masks))
         _, image_threshold = f1_max(validation.image_scores, validation.labels)
         decisions = held_out.image_scores >= image_threshold
+        metrics |= split_metrics("val", validation) | split_metrics("held_out", held_out)
         metrics |= {
             "image_f1": precision_recall_f1(decisions, held_out.labels)["f1"],
             "val_images": float(len(validation.labels)),
