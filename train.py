@@ -7,7 +7,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from patchlab.errors import exit_on_user_error
+from patchlab.errors import UserError, exit_on_user_error
 from patchlab.tracking.runs import tracked_run
 from patchlab.tracking.sweep import record_failure
 from patchlab.training.pipeline import run
@@ -32,6 +32,11 @@ def main(cfg: DictConfig) -> float:
             raise
         record_failure(output_dir, error)
         return float("nan")
+    if cfg.optimized_metric not in metrics:  # checked after logging: the run itself is kept
+        raise UserError(
+            f"optimized_metric={cfg.optimized_metric!r} is not a metric of this run; "
+            f"it has {sorted(metrics)}"
+        )
     return metrics[cfg.optimized_metric]
 
 

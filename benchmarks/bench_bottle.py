@@ -88,11 +88,11 @@ def stages(overrides: list[str]) -> None:
     )
     bank = train[index]
     del train
-    watch.time("train: bank indexing", model.scorer.fit, bank)
+    watch.time("train: bank indexing", model.scorers[0].fit, bank)
     scores, maps, labels, masks = [], [], [], []
     for embedding, batch in embeddings["test"]:
         patch_scores, image_scores = watch.time(
-            "test: scoring", model.scorer.score, flatten_patches(embedding)
+            "test: scoring", model.scorers[0].score, flatten_patches(embedding)
         )
         grid = patch_scores.reshape(len(embedding), *embedding.shape[-2:])
         maps.append(
@@ -182,7 +182,7 @@ def tiled(features: torch.Tensor, size: int, jitter: float = 0.05) -> torch.Tens
 
 def coreset_scaling(features: torch.Tensor, ratio: float, plain_up_to: int) -> None:
     """Total selection seconds of the pruned and the plain greedy coreset against N."""
-    sizes = [50_000, 100_000, 200_000, 400_000, 800_000, 1_600_000, 2_000_000]
+    sizes = [50_000, 100_000, 200_000, 400_000, 650_000, 800_000, 1_600_000, 2_000_000]
     print(f"\ncoreset selection at {ratio:.0%} on jittered copies of bottle's patches:")
     pruned, plain = [], []
     PrunedGreedyCoresetSampler(ratio, progress=False).select(features[:5000], torch.Generator())

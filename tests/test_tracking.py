@@ -94,9 +94,9 @@ def test_reloaded_bank_reproduces_the_test_metrics(synthetic_root, tmp_path) -> 
     # Banks logged before the package was grouped by concern name the old classes.
     old = OmegaConf.merge(cfg, {"model": {"_target_": "patchlab.lightning_module.PatchCore"}})
     old.backbone._target_ = "patchlab.backbones.create_feature_extractor"
-    save_bank(model.memory_bank, old, tmp_path / "old.safetensors")
+    save_bank(model.banks, old, tmp_path / "old.safetensors")
     reloaded, _ = load_model(tmp_path / "old.safetensors")
-    assert torch.equal(reloaded.memory_bank, model.memory_bank)
+    assert torch.equal(reloaded.banks[0], model.banks[0])
     data = instantiate(cfg.data)
     data.setup()
     with expected_warnings_silenced():

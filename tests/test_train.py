@@ -17,8 +17,7 @@ from helpers.configs import ROOT, compose_config, train_command
 from helpers.synthetic import make_category
 from patchlab.core.coreset import SAMPLERS, CoresetSampler
 from patchlab.core.features import FeatureExtractor
-from patchlab.core.scoring import nearest_neighbours
-from patchlab.core.search import SEARCH_INDEXES, SearchIndex
+from patchlab.core.search import SEARCH_INDEXES, SearchIndex, nearest_neighbours
 from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.tracking.runs import DEFAULT_ROOT
 from patchlab.training.lightning_module import PatchCore
@@ -42,7 +41,7 @@ def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) >= METRIC_KEYS and written == pytest.approx(metrics, nan_ok=True)
     assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["image_auroc"] > 0.6
-    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25) == model.memory_bank.shape[0]
+    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25) == model.banks[0].shape[0]
     assert model.outputs.maps.shape == (9, 64, 64)
 
 
@@ -51,7 +50,7 @@ def test_ivf_search_visiting_every_cell_reproduces_exact(synthetic_root, tmp_pat
     exact, _, _ = run(compose_config([root]), tmp_path / "exact")
     ivf = compose_config([root, "model.search=ivf", "model.ivf_probes=64"])
     approximate, model, _ = run(ivf, tmp_path / "ivf")
-    assert model.scorer.index.faiss_index.nprobe == model.scorer.index.faiss_index.nlist > 1
+    assert model.scorers[0].index.faiss_index.nprobe == model.scorers[0].index.faiss_index.nlist > 1
     for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro"):
         assert approximate[key] == pytest.approx(exact[key], abs=1e-4), key
 
@@ -83,7 +82,7 @@ def test_a_registered_sampler_and_index_run_the_pipeline(
     root = f"data.root={synthetic_root}"
     toy = compose_config([root, "model.sampler=every_nth_row", "model.search=torch"])
     metrics, model, _ = run(toy, tmp_path / "toy")
-    assert isinstance(model.sampler, EveryNthRow) and isinstance(model.scorer.index, TorchIndex)
+    assert isinstance(model.sampler, EveryNthRow) and isinstance(model.scorers[0].index, TorchIndex)
     assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25)
     # The same bank through faiss's exact index scores the same: only the plug-ins changed.
     exact = compose_config([root, "model.sampler=every_nth_row"])
@@ -172,7 +171,7 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
     if group == "model":
         built = instantiate(config.model, backbone=instantiate(config.backbone))
         assert isinstance(built.sampler, CoresetSampler)
-        assert isinstance(built.scorer.index, SearchIndex)
+        assert isinstance(built.scorers[0].index, SearchIndex)
     else:
         built = instantiate(config[group]) if config[group] is not None else None
     assert isinstance(built, BUILDS[group]), type(built)

@@ -1,14 +1,18 @@
 """Validation split, post-processing and the Optuna study: honest, recoverable, leak-free."""
 
 import json
+import subprocess
 from collections import Counter
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import torch
+from mlflow.tracking import MlflowClient
 
-from helpers.configs import compose_config
+from helpers.configs import ROOT, compose_config, train_command
+from helpers.synthetic import make_category
 from patchlab.outputs import BANK_FILE, TestOutputs, read_bank
 from patchlab.training.pipeline import run
 from patchlab.tuning.postprocess import PostProcessing, binarize
@@ -170,6 +174,39 @@ def test_synthetic_validation_needs_no_labelled_defects(
     metrics, model, datamodule = run(cfg, tmp_path / "out")
     assert len(datamodule.holdout_samples) == 3 and len(datamodule.train_samples) == 5
     assert set(datamodule.holdout_samples).isdisjoint(datamodule.train_samples)
-    assert model.memory_bank.shape[0] == int(5 * 8 * 8 * 0.25)
+    assert model.banks[0].shape[0] == int(5 * 8 * 8 * 0.25)
     assert metrics["val_images"] == 6 and metrics["held_out_images"] == 9
     assert 0 <= metrics["pixel_f1"] <= 1
+
+
+@pytest.mark.slow
+def test_model_selection_sweep_picks_by_validation_and_reports_held_out(tmp_path) -> None:
+    """sweeps/model_selection.yaml as the README runs it, its grid swapped for a small one."""
+    root = tmp_path / "parts"
+    make_category(root, "gear", size=64, train=8, good=4, defects=4, seed=0)
+    flags = ["-m", "--config-dir", "sweeps", "--config-name", "model_selection"]
+    command = train_command(root, tmp_path, *flags, "category.name=gear", "resolution=seed")
+    command += ["backbone.layers=[layer2,layer3]", "model.coreset_ratio=0.1,0.5"]
+    command += ["model.blur_sigma=1,4", "threshold.n_trials=4", "data.resize=64"]
+    command += ["data.crop_size=64"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep_dir = tmp_path / "multirun"
+    jobs = {p.parent.name: json.loads(p.read_text()) for p in sweep_dir.glob("*/metrics.json")}
+    assert len(jobs) == 4
+    best = max(sorted(jobs), key=lambda job: jobs[job]["val_pixel_auroc"])  # ties: first
+    picked = pd.read_csv(sweep_dir / "selection.csv", index_col=0)
+    assert picked.index[0] == best and picked.iloc[0]["picked"] == "yes"
+    assert list(picked["val_pixel_auroc"]) == sorted(picked["val_pixel_auroc"], reverse=True)
+    for column in ("held_out_pixel_auroc", "held_out_aupro", "pixel_f1"):
+        assert picked.loc[best, column] == pytest.approx(jobs[best][column])
+    summary = (sweep_dir / "summary.md").read_text()
+    assert f"Picked **{best}**" in summary
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("patchcore").experiment_id], "tags.summary = 'true'"
+    )
+    assert parent.data.tags["selected_job"] == best
+    assert parent.data.metrics["selected_held_out_pixel_auroc"] == pytest.approx(
+        jobs[best]["held_out_pixel_auroc"]
+    )

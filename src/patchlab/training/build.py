@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.errors import SettingError, UserError
-from patchlab.outputs import bank_config, check_bank, read_bank
+from patchlab.outputs import bank_config, check_bank, read_banks
 from patchlab.training.lightning_module import PatchCore
 from patchlab.tuning.study import ThresholdTuning
 
@@ -50,6 +50,12 @@ def configured(group: str, make: Callable[[], T]) -> T:
 def build_tuning(cfg: DictConfig) -> ThresholdTuning | None:
     """`threshold=optuna` -> the tuning object; `threshold=none` -> None."""
     if cfg.get("threshold") is None:
+        metric = str(cfg.get("optimized_metric", ""))
+        if metric.startswith(("val_", "held_out_")):
+            raise UserError(
+                f"optimized_metric={metric} is measured on the validation split of "
+                "threshold=optuna; add threshold=optuna or pick a test metric (image_auroc, ...)"
+            )
         return None
     return configured("threshold", lambda: instantiate(cfg.threshold))
 
@@ -81,12 +87,17 @@ def load_model(path: Path, weights: str | None = None) -> tuple[PatchCore, DictC
     Only allow-listed classes are built (see `outputs.bank_config`), and a bank that does not
     fit its backbone is refused.
     """
-    bank, metadata = read_bank(path)
+    banks, statistics, metadata = read_banks(path)
     cfg = bank_config(path, metadata)
     if weights is not None:
         cfg.backbone.weights = weights
     torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
     model = build_model(cfg)
-    check_bank(path, bank, metadata, model.feature_dim)
-    model.load_bank(bank)
+    if len(banks) != len(model.feature_dims):
+        raise UserError(
+            f"{path}: {len(banks)} banks, but its backbone has {len(model.feature_dims)}"
+        )
+    for bank, feature_dim in zip(banks, model.feature_dims, strict=True):
+        check_bank(path, bank, metadata if bank is banks[0] else {}, feature_dim)
+    model.load_banks(banks, statistics)
     return model, cfg

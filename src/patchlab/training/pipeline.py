@@ -89,8 +89,9 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     with expected_warnings_silenced():
         trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    log_metrics({"fit_seconds": fit_seconds, "bank_size": model.memory_bank.shape[0]})
-    save_bank(model.memory_bank, cfg, output_dir / BANK_FILE)
+    bank_size = float(sum(len(bank) for bank in model.banks))
+    log_metrics({"fit_seconds": fit_seconds, "bank_size": bank_size})
+    save_bank(model.banks, cfg, output_dir / BANK_FILE, statistics=model.statistics)
     start = time.perf_counter()
     with expected_warnings_silenced():
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -101,7 +102,7 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     metrics = evaluate(out.image_scores, out.labels, out.maps, masks) | {
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
-        "bank_size": float(model.memory_bank.shape[0]),
+        "bank_size": bank_size,
         "peak_rss_mb": peak_rss_mb(),
     }
     log_metrics(metrics)
@@ -119,8 +120,11 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
         decisions = found.travelling() | {"thresholds_from": "validation (threshold=optuna)"}
     else:
         decisions = untuned_decisions(metrics)
-    save_bank(model.memory_bank, cfg, output_dir / BANK_FILE, decisions)
-    log_model(output_dir / BANK_FILE, cfg.tracking)
+    save_bank(model.banks, cfg, output_dir / BANK_FILE, decisions, model.statistics)
+    if model.is_ensemble:
+        log.warning("Not logging a servable model: predict and export take one backbone")
+    else:
+        log_model(output_dir / BANK_FILE, cfg.tracking)
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     write_scores_csv(out, datamodule.test_samples, output_dir / SCORES_FILE)
     render_run(output_dir, out)
