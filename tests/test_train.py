@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -20,6 +21,7 @@ from patchlab.core.features import FeatureExtractor
 from patchlab.core.search import SEARCH_INDEXES, SearchIndex, nearest_neighbours
 from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.tracking.runs import DEFAULT_ROOT
+from patchlab.training.backbones import BackboneEnsemble
 from patchlab.training.lightning_module import PatchCore
 from patchlab.training.pipeline import run
 from patchlab.tuning.study import ThresholdTuning
@@ -135,7 +137,7 @@ def test_good_only_test_set_reports_nan_auroc(tmp_path: Path) -> None:
 
 # What each config group's files build; a group missing here fails the test below.
 BUILDS = {
-    "backbone": FeatureExtractor,
+    "backbone": (FeatureExtractor, BackboneEnsemble),
     "model": PatchCore,
     "data": AnomalyDataModule,
     "trainer": pl.Trainer,
@@ -151,6 +153,17 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
     if group == "category":
         assert OmegaConf.to_container(OmegaConf.load(path)) == {"name": option}
         return
+    if group == "resolution":  # settings of data: the two sizes, and a crop that fits
+        written = OmegaConf.load(path)
+        assert set(written) == {"resize", "crop_size"} and written.crop_size <= written.resize
+        assert "@package data" in path.read_text()
+        return
+    if group == "preset":  # a whole-config preset, added with +preset=NAME: it must compose
+        assert "@package _global_" in path.read_text()
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            config = compose("config", overrides=[f"+preset={option}"])
+        assert config.threshold is not None  # presets are chosen on validation data, tuned
+        return
     if group == "tracking":  # settings, not an object: the keys tracking/runs.py reads
         written = OmegaConf.load(path)
         assert set(written) == {
@@ -163,11 +176,18 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
         }
         assert written.root == DEFAULT_ROOT
         return
-    config = compose_config([f"data.root={synthetic_root}", f"{group}={option}"])
     assert group in BUILDS, f"conf/{group}/ has no expected type in BUILDS"
-    if group == "backbone":
-        config.backbone.pretrained = False
-        config.backbone.weights = None
+    if group == "backbone":  # built without weights; TEST_OVERRIDES name a backbone of their own
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+            config = compose("config", overrides=[f"backbone={option}"])
+        OmegaConf.set_struct(config, False)
+        if OmegaConf.is_missing(config.backbone, "members"):  # `ensemble`: the user names them
+            config.backbone.members = [{"name": "resnet18", "layers": ["layer2"]}] * 2
+        for member in config.backbone.get("members", [config.backbone]):
+            member.pretrained, member.weights = False, None
+        assert isinstance(instantiate(config.backbone), BUILDS[group])
+        return
+    config = compose_config([f"data.root={synthetic_root}", f"{group}={option}"])
     if group == "model":
         built = instantiate(config.model, backbone=instantiate(config.backbone))
         assert isinstance(built.sampler, CoresetSampler)

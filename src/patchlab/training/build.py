@@ -90,6 +90,8 @@ def load_model(path: Path, weights: str | None = None) -> tuple[PatchCore, DictC
     banks, statistics, metadata = read_banks(path)
     cfg = bank_config(path, metadata)
     if weights is not None:
+        if "members" in cfg.backbone:
+            raise UserError(f"{path} holds an ensemble: give each member's weights in its config")
         cfg.backbone.weights = weights
     torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
     model = build_model(cfg)
