@@ -62,7 +62,7 @@ def _job_row(job: Path) -> dict:
     config = job / CONFIG_FILE
     cfg = OmegaConf.load(config) if config.is_file() else None
     row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
-    row |= config_columns(cfg) | {"optimized_metric": cfg.optimized_metric} if cfg else {}
+    row |= config_columns(cfg) | {"optimized_metric": cfg.get("optimized_metric")} if cfg else {}
     if (job / METRICS_FILE).is_file():
         return row | {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
     if (job / FAILED_FILE).is_file():
