@@ -130,7 +130,7 @@ def selection_markdown(picked: pd.DataFrame) -> str:
     held_out = ", ".join(
         f"{c} {cell(float(best[c]))}" for c in HELD_OUT_METRICS if c in picked.columns
     )
-    shown = picked.map(lambda v: cell(float(v)) if isinstance(v, float) else str(v))
+    shown = display_frame(picked, list(picked.columns))
     lines = [
         f"## Model selection by {metric} (validation half only)",
         "",

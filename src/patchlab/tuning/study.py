@@ -94,7 +94,7 @@ def split_metrics(prefix: str, part: TestOutputs) -> dict[str, float]:
     """
     masks = part.masks if part.pixel_labelled else None
     found = evaluate(part.image_scores, part.labels, part.maps, masks)
-    return {f"{prefix}_{k}": v for k, v in found.items() if not k.endswith("_threshold")}
+    return _prefixed(prefix, {k: v for k, v in found.items() if not k.endswith("_threshold")})
 
 
 def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
