@@ -5,7 +5,11 @@ importing Lightning, and nothing here runs code on load (safetensors, CSV, JSON,
 """
 
 import csv
+import hashlib
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -18,6 +22,9 @@ from patchlab.data.mvtec import Sample
 from patchlab.errors import UserError
 
 BANK_FILE = "memory_bank.safetensors"
+# The bank between fit and the end of the run: kept if the run fails or is killed, under a
+# name that no loader (and no user) takes for a finished model.
+UNFINISHED_BANK_FILE = "memory_bank.unfinished.safetensors"
 OUTPUTS_FILE = "test_outputs.safetensors"
 SCORES_FILE = "scores.csv"
 CONFIG_FILE = "config.yaml"
@@ -36,6 +43,26 @@ MOVED_TARGETS = {
 ALLOWED_TARGETS = frozenset(
     [*MOVED_TARGETS.values(), "patchlab.training.backbones.create_ensemble"]
 )
+
+
+@contextmanager
+def written_atomically(path: Path) -> Iterator[Path]:
+    """Yields a temporary name beside `path`, renamed to `path` only when the block completes.
+
+    A process killed while writing (SLURM's SIGTERM, then SIGKILL) leaves a hidden
+    `.<name>.partial`, never a truncated file under the name readers look for.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_json(data: dict, path: Path) -> None:
+    with written_atomically(path) as partial:
+        partial.write_text(json.dumps(data, indent=2))
 
 
 @dataclass
@@ -70,7 +97,8 @@ class TestOutputs:
 def save_outputs(outputs: TestOutputs, path: Path) -> None:
     """Caches the test pass so thresholds can be re-tuned and figures redrawn without the model."""
     tensors = {f.name: getattr(outputs, f.name).contiguous() for f in fields(outputs)}
-    save_file(tensors, str(path))
+    with written_atomically(path) as partial:
+        save_file(tensors, str(partial))
 
 
 def load_outputs(path: Path) -> TestOutputs:
@@ -87,7 +115,7 @@ def read_samples(path: Path) -> list[Sample]:
 def write_scores_csv(outputs: TestOutputs, samples: list[Sample], path: Path) -> None:
     """One row per test image: where it is (absolute, so the file works from any folder), what
     it is, and how anomalous the model found it."""
-    with path.open("w", newline="") as file:
+    with written_atomically(path) as partial, partial.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "defect_type", "label", "image_score"])
         for sample, score in zip(samples, outputs.image_scores, strict=True):
@@ -126,7 +154,17 @@ def save_bank(
     if statistics:
         metadata["statistics"] = json.dumps(statistics)
     tensors = {bank_key(i): b.detach().cpu().contiguous() for i, b in enumerate(banks)}
-    save_file(tensors, str(path), metadata=metadata)
+    with written_atomically(path) as partial:
+        save_file(tensors, str(partial), metadata=metadata)
+
+
+def bank_digest(banks: list[torch.Tensor]) -> str:
+    """sha256 of the banks' float32 values alone (not the file, whose metadata holds the
+    config): equal digests mean bit-identical banks."""
+    digest = hashlib.sha256()
+    for bank in banks:
+        digest.update(bank.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def bank_key(member: int) -> str:

@@ -1,6 +1,9 @@
 """Memory-bank samplers by name; greedy k-center coreset selection (PatchCore section 3.2)."""
 
 import math
+import threading
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -8,6 +11,8 @@ from tqdm.auto import tqdm
 
 from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
 from patchlab.errors import SettingError
+
+T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -104,6 +109,31 @@ class GreedyCoresetSampler(CoresetSampler):
         return selected
 
 
+def beside_main_thread(compiled: Callable[..., T], *args: object) -> T:
+    """Runs GIL-free compiled code in a daemon thread and waits for it.
+
+    Python handles signals only in the main thread, between bytecodes; during a minute-long
+    compiled call it could not, and SLURM's SIGTERM would wait for the whole selection. Here
+    the main thread waits interruptibly: a stop raises at once, and the abandoned thread ends
+    with the process.
+    """
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            result.append(compiled(*args))
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            failure.append(error)
+
+    thread = threading.Thread(target=work, name="pruned-greedy", daemon=True)
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
 class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
     """The same selection as GreedyCoresetSampler, exact, with most distances never computed.
 
@@ -128,7 +158,7 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         first = int(torch.randint(count, (1,), generator=generator))  # the plain loop's draw
         points = np.ascontiguousarray(projected.numpy(), dtype=np.float32)
         mean, basis = bound_basis(points, min(self.BOUND_DIMS, points.shape[1]))
-        return torch.from_numpy(pruned_greedy(points, first, keep, mean, basis))
+        return torch.from_numpy(beside_main_thread(pruned_greedy, points, first, keep, mean, basis))
 
 
 # greedy_coreset is the pruned selector; greedy_coreset_plain the reference loop it must equal.

@@ -212,8 +212,8 @@ def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, ass
             _html_table(table.drop(index="mean"), setting_columns(table)),
         ]
     parts += [
-        f"<p class='failed'><b>{html.escape(n)} FAILED</b>: {html.escape(e)}</p>"
-        for n, e in failures(table)
+        f"<p class='failed'><b>{html.escape(n)} {status}</b>: {html.escape(e)}</p>"
+        for n, status, e in failures(table)
     ]
     parts += [
         _embedded(assets / "summary_bars.png", "bars"),

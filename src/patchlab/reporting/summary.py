@@ -44,6 +44,8 @@ CONFIG_COLUMNS = ("backbone", "layers", "coreset_ratio", "num_neighbors", "resol
 # figures on the held-out half of the split, which no choice has seen.
 HELD_OUT_METRICS = ("held_out_image_auroc", "held_out_pixel_auroc", "held_out_aupro", "pixel_f1")
 FAILED_FILE = "failed.json"
+KILLED_FILE = "killed.json"  # a stop signal ended the job (or the sweep before it started)
+RESUMED_FILE = "resumed.json"  # resume=true reused a finished run instead of running the job
 MISSING = "-"
 
 
@@ -64,7 +66,13 @@ def _job_row(job: Path) -> dict:
     row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
     row |= config_columns(cfg) | {"optimized_metric": cfg.get("optimized_metric")} if cfg else {}
     if (job / METRICS_FILE).is_file():
-        return row | {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
+        row |= {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
+        if (job / RESUMED_FILE).is_file():
+            row["resumed_from"] = json.loads((job / RESUMED_FILE).read_text())["run_id"]
+        return row
+    if (job / KILLED_FILE).is_file():
+        killed = json.loads((job / KILLED_FILE).read_text())
+        return row | {"status": "KILLED", "error": killed["error"]}
     if (job / FAILED_FILE).is_file():
         failure = json.loads((job / FAILED_FILE).read_text())
         return row | {"status": "FAILED", "error": failure["error"]}
@@ -72,7 +80,7 @@ def _job_row(job: Path) -> dict:
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
-    """One row per job folder: its metrics.json, or its failure and error.
+    """One row per job folder: its metrics.json, or why it has none (FAILED, KILLED).
 
     Rows are named by folder (a sweep over other knobs names them apart); `seed_key` is the
     job's category, which the seed's numbers are looked up by.
@@ -89,7 +97,7 @@ def compare(results: pd.DataFrame) -> pd.DataFrame:
     """Adds `seed_<metric>` and `diff_<metric>` columns and a mean row over finished jobs."""
     keys = results["seed_key"] if "seed_key" in results else results["category"]
     configs = setting_columns(results)
-    columns = ["status", *configs, *TABLE_METRICS, "error"]
+    columns = ["status", *configs, *TABLE_METRICS, "error", "resumed_from"]
     table = results.set_index("category").reindex(columns=columns)
     for metric in TABLE_METRICS:
         table[metric] = table[metric].astype(float)
@@ -97,7 +105,8 @@ def compare(results: pd.DataFrame) -> pd.DataFrame:
         table[f"seed_{metric}"] = [SEED_RESULTS.get(k, (math.nan,) * 3)[i] for k in keys]
         table[f"diff_{metric}"] = table[metric] - table[f"seed_{metric}"]
     finished = table[table["status"] == "ok"]
-    mean = finished.drop(columns=["status", "error", *configs]).mean(numeric_only=True)
+    mean = finished.drop(columns=["status", "error", "resumed_from", *configs])
+    mean = mean.mean(numeric_only=True)
     table.loc["mean"] = {**mean.to_dict(), "status": f"{len(finished)}/{len(table)} ok"}
     return table
 
@@ -176,10 +185,18 @@ def display_frame(table: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return shown.rename_axis(table.index.name or "category")
 
 
-def failures(table: pd.DataFrame) -> list[tuple[str, str]]:
-    """(row, error) of every failed job."""
-    failed = table[table["status"] == "FAILED"]
-    return [(str(name), str(row["error"])) for name, row in failed.iterrows()]
+def failures(table: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(row, status, error) of every FAILED or KILLED job."""
+    failed = table[table["status"].isin(["FAILED", "KILLED"])]
+    return [(str(name), str(row["status"]), str(row["error"])) for name, row in failed.iterrows()]
+
+
+def resumed(table: pd.DataFrame) -> list[tuple[str, str]]:
+    """(row, run id) of every job that resume=true answered with an earlier finished run."""
+    if "resumed_from" not in table:
+        return []
+    reused = table["resumed_from"].dropna()
+    return [(str(name), str(run)) for name, run in reused.items()]
 
 
 def _markdown_table(shown: pd.DataFrame) -> list[str]:
@@ -194,7 +211,11 @@ def to_markdown(table: pd.DataFrame) -> str:
     settings = setting_columns(table)
     if settings:
         lines += ["", *_markdown_table(display_frame(table.drop(index="mean"), settings))]
-    lines += [f"\n**{name} FAILED**: {error}" for name, error in failures(table)]
+    lines += [f"\n**{name} {status}**: {error}" for name, status, error in failures(table)]
+    lines += [
+        f"\n**{name} resumed**: finished run {run} of the same config, not run again"
+        for name, run in resumed(table)
+    ]
     return "\n".join(lines) + "\n"
 
 

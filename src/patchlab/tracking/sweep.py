@@ -1,10 +1,10 @@
-"""Hydra multirun glue: a failed category is recorded, not fatal; the sweep ends in a summary.
+"""Hydra multirun glue: a failed or killed category is recorded, not fatal; the sweep ends in a
+summary.
 
 With tracking on, the sweep is one MLflow run and every category job nests under it, so the
 UI groups a sweep's jobs and shows its summary on the parent.
 """
 
-import json
 import logging
 import traceback
 from pathlib import Path
@@ -16,7 +16,8 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pandas import DataFrame
 
-from patchlab.reporting.summary import FAILED_FILE, write_summary
+from patchlab.outputs import write_json
+from patchlab.reporting.summary import FAILED_FILE, KILLED_FILE, write_summary
 from patchlab.tracking.runs import (
     PARENT_RUN_FILE,
     describe,
@@ -27,6 +28,7 @@ from patchlab.tracking.runs import (
     tracking_uri,
     ui_url,
 )
+from patchlab.training import stages
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,15 @@ def record_failure(output_dir: Path, error: BaseException) -> None:
     trace = "".join(traceback.format_exception(first))
     log.error("Job failed: %s", trace)
     output_dir.mkdir(parents=True, exist_ok=True)
-    failure = {"error": describe(error), "traceback": trace}
-    (output_dir / FAILED_FILE).write_text(json.dumps(failure, indent=2))
+    write_json({"error": describe(error), "traceback": trace}, output_dir / FAILED_FILE)
+
+
+def record_killed(output_dir: Path, stop: stages.Interrupted) -> None:
+    """Leaves the signal and the stage it stopped, so the summary lists the job as KILLED."""
+    log.error("Job %s", stop)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    killed = {"error": str(stop), "signal": stop.signal_name, "stage": stop.stage}
+    write_json(killed, output_dir / KILLED_FILE)
 
 
 def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
@@ -60,7 +69,8 @@ def finish_sweep_run(
     picked: DataFrame | None,
     paths: list[Path],
 ) -> None:
-    """Logs the summary on the parent run; FAILED when any category failed.
+    """Logs the summary on the parent run; KILLED when a stop signal cut the sweep short, else
+    FAILED when any category failed.
 
     A model-selection sweep also gets the picked job as a tag and its numbers as
     `selected_<metric>`.
@@ -68,25 +78,35 @@ def finish_sweep_run(
     client = MlflowClient(tracking_uri(config.tracking))
     # Under the jobs' own names, so the parent's row in the runs table shows the sweep's mean.
     means = {k: float(v) for k, v in table.loc["mean"].items() if isinstance(v, float) and v == v}
-    failed = int((table.drop(index="mean")["status"] == "FAILED").sum())
+    statuses = table.drop(index="mean")["status"]
+    failed, killed = int((statuses == "FAILED").sum()), int((statuses == "KILLED").sum())
     if picked is not None:
         best = picked.iloc[0]
         client.set_tag(run_id, "selected_job", str(picked.index[0]))
         means |= {f"selected_{k}": float(v) for k, v in best.items() if isinstance(v, float)}
-    for key, value in (means | {"failed_categories": failed}).items():
+    counts = {"failed_categories": failed, "killed_categories": killed}
+    for key, value in (means | counts).items():
         client.log_metric(run_id, key, value)
     for path in paths:
         client.log_artifact(run_id, str(path))
     status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    if killed or stages.received() is not None:
+        status = RunStatus.KILLED
     client.set_terminated(run_id, RunStatus.to_string(status))
     experiment = client.get_run(run_id).info.experiment_id
     log.info("Compare the runs: %s", runs_view_url(ui_url(client.tracking_uri), experiment))
 
 
 class SweepSummary(Callback):
-    """Opens the sweep's MLflow run before parallel jobs start; summarises the sweep at its end."""
+    """Opens the sweep's MLflow run before parallel jobs start; summarises the sweep at its end.
+
+    A stop signal to the sweep's own process (the basic launcher runs every job in it) ends
+    the running job as KILLED, marks the jobs not yet started as KILLED too, and still writes
+    the summary; the sweep then exits with the signal's status.
+    """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        stages.catch_stop_signals()
         if config.tracking.enabled:
             start_sweep_run(config, Path(config.hydra.sweep.dir))
 
@@ -102,9 +122,12 @@ class SweepSummary(Callback):
         log.info("Sweep summary:\n%s", paths[1].read_text())
         if run_id:
             finish_sweep_run(config, run_id, table, picked, paths)
-        failed = table[table["status"] == "FAILED"].index.tolist()
+        failed = table[table["status"].isin(["FAILED", "KILLED"])].index.tolist()
+        # Hydra turns a callback's exception into a warning; a sweep with failures must
+        # still exit non-zero for the scripts and CI jobs that launch it.
+        if stages.received() is not None:
+            log.error("Sweep stopped by a signal; see %s", paths[1])
+            raise SystemExit(128 + stages.received())
         if failed:
-            # Hydra turns a callback's exception into a warning; a sweep with failures must
-            # still exit non-zero for the scripts and CI jobs that launch it.
-            log.error("%d categories failed: %s; see %s", len(failed), failed, paths[1])
+            log.error("%d jobs failed or were killed: %s; see %s", len(failed), failed, paths[1])
             raise SystemExit(1)

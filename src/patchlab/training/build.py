@@ -19,6 +19,7 @@ from patchlab.data.datamodule import AnomalyDataModule
 from patchlab.errors import SettingError, UserError
 from patchlab.outputs import bank_config, check_bank, read_banks
 from patchlab.training.lightning_module import PatchCore
+from patchlab.training.stage_marks import StageMarks
 from patchlab.tuning.study import ThresholdTuning
 
 T = TypeVar("T")
@@ -78,7 +79,8 @@ def build(
     model = build_model(cfg)
     train_images = len(datamodule.train_samples)
     configured("model", lambda: model.check_bank_size(train_images, datamodule.crop_size))
-    return datamodule, model, configured("trainer", lambda: instantiate(cfg.trainer)), tuning
+    trainer = configured("trainer", lambda: instantiate(cfg.trainer, callbacks=[StageMarks()]))
+    return datamodule, model, trainer, tuning
 
 
 def load_model(path: Path, weights: str | None = None) -> tuple[PatchCore, DictConfig]:

@@ -2,7 +2,6 @@
 
 import ctypes
 import ctypes.util
-import json
 import logging
 import resource
 import time
@@ -19,12 +18,16 @@ from patchlab.outputs import (
     METRICS_FILE,
     OUTPUTS_FILE,
     SCORES_FILE,
+    UNFINISHED_BANK_FILE,
+    bank_digest,
     save_bank,
     save_outputs,
+    write_json,
     write_scores_csv,
 )
 from patchlab.reporting.render import render_run
-from patchlab.tracking.runs import log_datasets, log_metrics
+from patchlab.tracking.runs import log_datasets, log_metrics, log_tags
+from patchlab.training import stages
 from patchlab.training.build import build
 from patchlab.training.lightning_module import PatchCore, expected_warnings_silenced
 from patchlab.tuning.synthetic import synthetic_validation
@@ -78,8 +81,13 @@ def untuned_decisions(metrics: dict[str, float]) -> dict:
 
 
 def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
-    """Fits and tests one category; the bank is saved before testing so a failure keeps it."""
+    """Fits and tests one category.
+
+    The bank is saved as unfinished before testing, so a failure keeps it; the final bank and
+    metrics.json are written last, so their presence means the run finished.
+    """
     release_freed_memory()
+    stages.enter("setup")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, model, trainer, tuning = build(cfg)
@@ -91,7 +99,9 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     fit_seconds = time.perf_counter() - start
     bank_size = float(sum(len(bank) for bank in model.banks))
     log_metrics({"fit_seconds": fit_seconds, "bank_size": bank_size})
-    save_bank(model.banks, cfg, output_dir / BANK_FILE, statistics=model.statistics)
+    log_tags({"bank_sha256": bank_digest(model.banks)})
+    unfinished = output_dir / UNFINISHED_BANK_FILE
+    save_bank(model.banks, cfg, unfinished, statistics=model.statistics)
     start = time.perf_counter()
     with expected_warnings_silenced():
         trainer.test(model, datamodule=datamodule, verbose=False)
@@ -107,6 +117,7 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     }
     log_metrics(metrics)
     if tuning is not None:
+        stages.enter("tuning")
         defect_types = [sample.defect_type for sample in datamodule.test_samples]
         validation = None
         if datamodule.holdout_samples:
@@ -120,16 +131,17 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
         decisions = found.travelling() | {"thresholds_from": "validation (threshold=optuna)"}
     else:
         decisions = untuned_decisions(metrics)
+    stages.enter("writing results")
+    write_scores_csv(out, datamodule.test_samples, output_dir / SCORES_FILE)
+    render_run(output_dir, out)
     save_bank(model.banks, cfg, output_dir / BANK_FILE, decisions, model.statistics)
+    unfinished.unlink()
     if model.is_ensemble:
         log.warning("Not logging a servable model: predict and export take one backbone")
     else:
         log_model(output_dir / BANK_FILE, cfg.tracking)
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    write_scores_csv(out, datamodule.test_samples, output_dir / SCORES_FILE)
-    render_run(output_dir, out)
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
     log_metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    write_json(metrics, output_dir / METRICS_FILE)
     log.info("%s: %s", cfg.category.name, result_line(metrics))
     return metrics, model, datamodule
