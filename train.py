@@ -1,5 +1,6 @@
 """Train and test PatchCore on one category; `-m 'category=glob(*)'` sweeps them all."""
 
+import logging
 from pathlib import Path
 
 import hydra
@@ -8,9 +9,25 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from patchlab.errors import UserError, exit_on_user_error
+from patchlab.tracking.resume import finished_run, reuse
 from patchlab.tracking.runs import tracked_run
-from patchlab.tracking.sweep import record_failure
+from patchlab.tracking.sweep import record_failure, record_killed
+from patchlab.training import stages
 from patchlab.training.pipeline import run
+
+log = logging.getLogger(__name__)
+
+
+def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[str, float]:
+    """With resume=true, a FINISHED run of the same config answers for the job."""
+    if cfg.get("resume"):
+        found = finished_run(cfg)
+        if found is not None:
+            log.info("resume=true: reusing finished run %s", found.info.run_id)
+            return reuse(found, cfg, output_dir)
+    with tracked_run(cfg, output_dir, sweep):
+        metrics, _, _ = run(cfg, output_dir)
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -19,14 +36,22 @@ def main(cfg: DictConfig) -> float:
     """Returns `optimized_metric` so a Hydra sweeper can optimise it.
 
     In a multirun a failing category is recorded (MLflow run FAILED, failed.json) and the
-    sweep goes on; its summary names the failure.
+    sweep goes on; its summary names the failure. SIGTERM or SIGINT ends the job's run as
+    KILLED (killed.json in a sweep); a single run then exits with 128 + the signal number.
     """
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    stages.catch_stop_signals()
     try:
-        with tracked_run(cfg, output_dir, sweep):
-            metrics, _, _ = run(cfg, output_dir)
+        with stages.interruptible():
+            metrics = run_or_reuse(cfg, output_dir, sweep)
+    except stages.Interrupted as stop:
+        if sweep is None:
+            log.error("Run %s; its MLflow run is KILLED", stop)
+            raise SystemExit(stop.exit_code) from None
+        record_killed(output_dir, stop)
+        return float("nan")
     except Exception as error:
         if sweep is None:
             raise

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+from mlflow.entities import RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from patchlab.data.mvtec import Sample
+from patchlab.training import stages
 
 PACKAGES = ("torch", "torchvision", "timm", "pytorch-lightning", "mlflow", "optuna", "patchlab")
 # The runs table's default shows no metric or param column; this saved view (MLflow's shared
@@ -41,6 +43,8 @@ EXPERIMENT_TAGS = {
 }
 PARENT_RUN_FILE = ".mlflow_parent_run"  # in the sweep dir: where every job finds its parent run
 DEFAULT_ROOT = "mlruns"  # conf/tracking's `root`; a test keeps the two equal
+# Settings that cannot change a result, left out of the config hash that resume=true matches.
+NOT_HASHED = ("resume", "tracking", "data.num_workers")
 
 
 def tracking_uri(tracking: DictConfig) -> str:
@@ -151,6 +155,24 @@ def git_commit() -> str:
     return result.stdout.strip() or "unknown"
 
 
+def config_hash(cfg: DictConfig) -> str:
+    """The resolved config's fingerprint, less the settings that cannot change a result.
+
+    Stored as the `config_hash` tag on every run, so `resume=true` can find a finished run of
+    the same job.
+    """
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("hydra", None)
+    for dotted in NOT_HASHED:
+        *parents, key = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent, {})
+        node.pop(key, None)
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def run_params(cfg: DictConfig) -> dict[str, str]:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("hydra", None)
@@ -162,8 +184,8 @@ def tracked_run(cfg: DictConfig, output_dir: Path, sweep: str | None = None) -> 
     """Opens the category's MLflow run; yields whether tracking is on.
 
     Whatever the job wrote to `output_dir` is logged as artifacts when it ends. On an
-    exception the run keeps everything logged so far, gets an `error` tag, and ends FAILED;
-    the exception propagates.
+    exception the run keeps everything logged so far, gets `error` and `stage` tags, and ends
+    FAILED, or KILLED when a stop signal interrupted it; the exception propagates.
     """
     if not cfg.tracking.enabled:
         yield False
@@ -200,6 +222,7 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
         "backbone": cfg.backbone.name,
         "git_commit": git_commit(),
         "sweep": sweep or "none",
+        "config_hash": config_hash(cfg),
     }
     parent = parent_run_id(sweep)
     if parent:
@@ -208,14 +231,21 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
         experiment_id=experiment_id(cfg.tracking), run_name=run_name(cfg), tags=tags
     ):
         mlflow.log_params(run_params(cfg))
+        killed = False
         try:
             yield
+        except stages.Interrupted as stop:
+            mlflow.set_tags({"stage": stop.stage, "error": str(stop)})
+            killed = True
+            raise
         except Exception as error:
-            mlflow.set_tag("error", describe(error)[:4000])
+            mlflow.set_tags({"stage": stages.current(), "error": describe(error)[:4000]})
             raise
         finally:
             if output_dir.is_dir():
                 mlflow.log_artifacts(str(output_dir))
+            if killed:
+                mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
 
 
 def log_metrics(metrics: dict[str, float]) -> None:
@@ -257,3 +287,9 @@ def log_params(params: dict[str, object]) -> None:
     """Logs to the active run, if any."""
     if mlflow.active_run() is not None:
         mlflow.log_params(params)
+
+
+def log_tags(tags: dict[str, str]) -> None:
+    """Sets on the active run, if any."""
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(tags)

@@ -1,0 +1,51 @@
+"""resume=true: a rerun of a sweep skips every job that already has a FINISHED run of the same
+resolved config, and reruns the rest (failed, killed, never started, or changed)."""
+
+import json
+from pathlib import Path
+
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from patchlab.errors import UserError
+from patchlab.outputs import CONFIG_FILE, METRICS_FILE, write_json
+from patchlab.reporting.summary import RESUMED_FILE
+from patchlab.tracking.runs import config_hash, tracking_uri
+
+
+def finished_run(cfg: DictConfig) -> Run | None:
+    """The latest FINISHED run whose `config_hash` tag matches this job's config, if any."""
+    if not cfg.tracking.enabled:
+        raise UserError(
+            "resume=true looks for finished runs in MLflow, but tracking is off "
+            "(tracking=none): turn tracking on or drop resume=true"
+        )
+    client = MlflowClient(tracking_uri(cfg.tracking))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.config_hash = '{config_hash(cfg)}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0] if found else None
+
+
+def reuse(run: Run, cfg: DictConfig, output_dir: Path) -> dict[str, float]:
+    """Puts the finished run's metrics.json and config.yaml in this job's folder, with a
+    resumed.json naming the run, so the sweep's summary covers the job as if it had run."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name in (METRICS_FILE, CONFIG_FILE):
+        download_artifacts(
+            run_id=run.info.run_id,
+            artifact_path=name,
+            dst_path=str(output_dir),
+            tracking_uri=tracking_uri(cfg.tracking),
+        )
+    source = {"run_id": run.info.run_id, "config_hash": config_hash(cfg)}
+    write_json(source, output_dir / RESUMED_FILE)
+    return json.loads((output_dir / METRICS_FILE).read_text())

@@ -1,0 +1,122 @@
+"""Faults inside one job: stop signals, what a stopped run leaves behind, and resume's guards."""
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, open_dict
+
+from helpers.configs import ROOT
+from patchlab.errors import UserError
+from patchlab.outputs import BANK_FILE, METRICS_FILE, UNFINISHED_BANK_FILE, written_atomically
+from patchlab.reporting.summary import collect, compare, to_markdown
+from patchlab.tracking.resume import finished_run
+from patchlab.tracking.runs import tracked_run
+from patchlab.tracking.sweep import record_killed
+from patchlab.training import pipeline, stages
+
+
+@pytest.fixture
+def stop_signals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """train.py's handlers in this process for one test, then pytest's own back."""
+    saved = {number: signal.getsignal(number) for number in stages.SIGNALS}
+    monkeypatch.setattr(stages, "_received", None)
+    stages.catch_stop_signals()
+    yield
+    for number, handler in saved.items():
+        signal.signal(number, handler)
+
+
+def test_a_signal_inside_a_job_raises_with_its_stage_and_a_second_is_held(stop_signals) -> None:
+    with pytest.raises(stages.Interrupted) as stopped, stages.interruptible():
+        stages.enter("coreset selection")
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stopped.value.stage == "coreset selection" and stopped.value.exit_code == 143
+    os.kill(os.getpid(), signal.SIGINT)  # during cleanup: remembered, not raised
+    assert stages.received() == signal.SIGTERM
+    # The next job of the sweep does not start.
+    not_started = pytest.raises(stages.Interrupted, match="SIGTERM during not started")
+    with not_started, stages.interruptible():
+        pytest.fail("a job started after the sweep was stopped")
+
+
+def test_a_signal_between_jobs_only_stops_the_next_one(stop_signals) -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stages.received() == signal.SIGINT
+    with pytest.raises(stages.Interrupted) as stopped, stages.interruptible():
+        pass
+    assert stopped.value.exit_code == 130
+
+
+def test_interrupted_run_ends_killed_with_its_stage(cfg: DictConfig, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "partial_result.txt").write_text("computed before the stop")
+    with pytest.raises(stages.Interrupted), tracked_run(cfg, out):
+        raise stages.Interrupted(signal.SIGTERM, "scoring")
+    client = MlflowClient(f"sqlite:///{Path(cfg.tracking.root) / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stage"] == "scoring"
+    assert run.data.tags["error"] == "stopped by SIGTERM during scoring"
+    assert "partial_result.txt" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert len(run.data.tags["config_hash"]) == 16
+
+
+def test_a_run_stopped_after_fitting_leaves_nothing_that_looks_finished(
+    cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def stopped(*args: object) -> None:
+        raise stages.Interrupted(signal.SIGTERM, stages.current())
+
+    monkeypatch.setattr(pipeline, "render_run", stopped)
+    with open_dict(cfg):
+        cfg.tracking.enabled = False
+    with pytest.raises(stages.Interrupted, match="during writing results"):
+        pipeline.run(cfg, tmp_path)
+    assert (tmp_path / UNFINISHED_BANK_FILE).is_file()
+    assert not (tmp_path / BANK_FILE).exists() and not (tmp_path / METRICS_FILE).exists()
+    assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_write_cut_short_leaves_no_file_under_the_real_name(tmp_path: Path) -> None:
+    target = tmp_path / METRICS_FILE
+    with pytest.raises(stages.Interrupted), written_atomically(target) as partial:
+        partial.write_text('{"image_auroc": 0.9')
+        raise stages.Interrupted(signal.SIGTERM, "writing results")
+    assert list(tmp_path.iterdir()) == []
+    with written_atomically(target) as partial:
+        partial.write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == [METRICS_FILE]
+
+
+def test_summary_lists_killed_and_resumed_jobs(tmp_path: Path) -> None:
+    (tmp_path / "gear").mkdir()
+    (tmp_path / "gear" / METRICS_FILE).write_text('{"image_auroc": 1.0}')
+    (tmp_path / "gear" / "resumed.json").write_text('{"run_id": "abc123"}')
+    record_killed(tmp_path / "hinge", stages.Interrupted(signal.SIGTERM, "coreset selection"))
+    markdown = to_markdown(compare(collect(tmp_path)))
+    assert "| gear | ok | 1.0000 |" in markdown and "| hinge | KILLED | - |" in markdown
+    assert "**hinge KILLED**: stopped by SIGTERM during coreset selection" in markdown
+    assert "**gear resumed**: finished run abc123" in markdown
+    assert "| mean | 1/2 ok |" in markdown
+
+
+def test_resume_without_tracking_says_why(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        cfg.tracking.enabled = False
+    with pytest.raises(UserError, match="resume=true looks for finished runs in MLflow"):
+        finished_run(cfg)
+
+
+def test_slurm_preset_extends_submitits_slurm_launcher() -> None:
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose("config", ["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.cpus_per_task, launcher.gpus_per_node, launcher.mem_gb) == (8, 1, 32)
+    assert (launcher.timeout_min, launcher.array_parallelism) == (60, 15)
+    assert launcher.partition is None and launcher.submitit_folder.endswith(".submitit/%j")
