@@ -136,15 +136,6 @@ def test_failed_run_is_marked_and_keeps_what_it_logged(synthetic_root, tmp_path)
     assert found.data.params["model.num_neighbors"] == "500"
 
 
-@pytest.mark.slow
-def test_real_mlflow_server_over_http(synthetic_root, tmp_path) -> None:
-    backend = f"sqlite:///{tmp_path / 'server.db'}"
-    with mlflow_server(backend, tmp_path / "artifacts") as url:
-        metrics = tracked([f"data.root={synthetic_root}", f"tracking.uri={url}"], tmp_path / "o")
-        check_run(url, metrics)
-    assert any((tmp_path / "artifacts").rglob(BANK_FILE))
-
-
 def search_runs_over_rest(url: str) -> list[dict]:
     """What the UI itself asks: POST runs/search for every experiment."""
     request = urllib.request.Request(
@@ -196,39 +187,6 @@ def sweep_runs(store: Path) -> tuple[MlflowClient, list[mlflow.entities.Run]]:
     view = json.loads(experiment.tags["mlflow.sharedViewState.patchlab"])
     assert "metrics.`image_auroc`" in view["selectedColumns"]
     return client, client.search_runs([experiment.experiment_id])
-
-
-@pytest.mark.slow
-def test_readme_joblib_sweep_over_own_part_names(tmp_path) -> None:
-    """The README's parallel sweep, default loader workers, names the seed has never seen."""
-    root = tmp_path / "parts"
-    names = ("gear", "hinge", "valve")
-    for seed, name in enumerate(names):
-        make_category(root, name, size=32, train=4, good=1, defects=1, seed=seed)
-    command = train_command(root, tmp_path, "-m", f"category.name={','.join(names)}")
-    command += ["data.resize=32", "data.crop_size=32", "hydra/launcher=joblib"]
-    command += ["hydra.launcher.n_jobs=3"]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    client, runs = sweep_runs(tmp_path / "mlruns")
-    (parent,) = [r for r in runs if "category" not in r.data.tags]
-    jobs = [r for r in runs if "category" in r.data.tags]
-    assert sorted(r.data.tags["category"] for r in jobs) == list(names)
-    for job in jobs:
-        assert job.info.status == "FINISHED" and "image_auroc" in job.data.metrics
-        assert job.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert job.info.run_name.startswith(f"{job.data.tags['category']} resnet18 r0.25")
-        inputs = {i.tags[0].value: i.dataset for i in job.inputs.dataset_inputs}
-        assert set(inputs) == {"train", "test"}
-        assert inputs["train"].name == job.data.tags["category"] and inputs["train"].digest
-        assert '"num_rows": 4' in inputs["train"].profile
-    assert parent.info.status == "FINISHED" and parent.data.metrics["failed_categories"] == 0
-    mean = sum(r.data.metrics["image_auroc"] for r in jobs) / 3
-    assert parent.data.metrics["image_auroc"] == pytest.approx(mean)  # the sweep's row: means
-    logged = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert logged >= {"summary.csv", "summary.md", "summary_bars.png", "summary_heatmap.png"}
-    scores = (tmp_path / "multirun" / "gear" / "scores.csv").read_text().splitlines()
-    assert Path(scores[1].split(",")[0]).is_absolute()
 
 
 @pytest.mark.slow

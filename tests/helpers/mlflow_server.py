@@ -60,7 +60,7 @@ def mlflow_server(backend: str, artifacts: Path | None = None, ui: bool = False)
         str(port),
     ]
     if artifacts is not None:
-        command += ["--artifacts-destination", str(artifacts)]
+        command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
     with serving(command, port) as url:
         yield url
 
