@@ -263,6 +263,15 @@ def real_bottle(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 @pytest.mark.real_data
+def test_real_bottle_training_reaches_the_recipes_numbers(real_bottle: TrainedRun) -> None:
+    """The run every real-bottle test uses, trained once: train.py's own path on real data."""
+    metrics = json.loads((real_bottle.out / "metrics.json").read_text())
+    assert metrics["image_auroc"] >= 0.99 and metrics["pixel_auroc"] >= 0.97, metrics
+    assert metrics["pixel_f1"] >= 0.72, metrics  # tuned on validation, scored on held-out images
+    assert metrics["val_pixel_f1_tuned"] >= metrics["val_pixel_f1_threshold_only"] - 1e-6
+
+
+@pytest.mark.real_data
 def test_real_bottle_predict_from_run_id(real_bottle: TrainedRun, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "patchlab.predict", real_bottle.run_id]
     command += [str(real_bottle.category / "test"), "--out", str(tmp_path / "pred")]
