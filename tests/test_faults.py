@@ -52,6 +52,21 @@ def test_a_signal_between_jobs_only_stops_the_next_one(stop_signals) -> None:
     assert stopped.value.exit_code == 130
 
 
+def test_a_forked_loader_worker_ignores_the_stop_signal(stop_signals) -> None:
+    """Ctrl+C reaches the DataLoader's forked workers too; only the parent may raise."""
+    child = os.fork()
+    if child == 0:  # the worker: the signal must pass without an exception
+        try:
+            with stages.interruptible():
+                os.kill(os.getpid(), signal.SIGINT)
+            os._exit(0)
+        except BaseException:
+            os._exit(1)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert stages.received() is None
+
+
 def test_interrupted_run_ends_killed_with_its_stage(cfg: DictConfig, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()

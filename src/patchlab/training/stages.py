@@ -9,6 +9,7 @@ No Lightning here: MLflow glue and the reading tools import this module.
 """
 
 import logging
+import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ class Interrupted(BaseException):
 _stage = "setup"
 _received: int | None = None  # the first stop signal this process got
 _armed = False  # raise on a signal (inside a job's work) or only remember it
+_owner: int | None = None  # the process that set the handlers
 
 
 def enter(stage: str) -> None:
@@ -52,6 +54,11 @@ def received() -> int | None:
 
 def _on_signal(signal_number: int, frame: FrameType | None) -> None:
     global _received, _armed
+    if os.getpid() != _owner:
+        # A forked child (a DataLoader worker) inherits the handler. Ctrl+C reaches the whole
+        # process group: the parent stops and shuts its workers down, and a worker whose
+        # parent dies outright exits on its own; raising here would only print tracebacks.
+        return
     if _received is not None:
         return  # a second signal: let the first one's cleanup finish
     _received = signal_number
@@ -67,6 +74,8 @@ def catch_stop_signals() -> None:
     Only the main thread may set handlers; elsewhere (a thread-pool launcher) signals keep
     their default action.
     """
+    global _owner
+    _owner = os.getpid()
     try:
         for number in SIGNALS:
             signal.signal(number, _on_signal)
