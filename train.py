@@ -25,7 +25,8 @@ def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[s
         if found is not None:
             log.info("resume=true: reusing finished run %s", found.info.run_id)
             return reuse(found, cfg, output_dir)
-    with tracked_run(cfg, output_dir, sweep):
+    # MLflow's own requests (open, params, artifacts) stay outside: a stop waits for them.
+    with tracked_run(cfg, output_dir, sweep), stages.interruptible():
         metrics, _, _ = run(cfg, output_dir)
     return metrics
 
@@ -44,18 +45,19 @@ def main(cfg: DictConfig) -> float:
     sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
     stages.catch_stop_signals()
     try:
-        with stages.interruptible():
-            metrics = run_or_reuse(cfg, output_dir, sweep)
-    except stages.Interrupted as stop:
+        stages.stop_if_received()
+        metrics = run_or_reuse(cfg, output_dir, sweep)
+    except (stages.Interrupted, Exception) as error:
+        stop = stages.stopped_by(error)
         if sweep is None:
+            if stop is None:
+                raise
             log.error("Run %s; its MLflow run is KILLED", stop)
             raise SystemExit(stop.exit_code) from None
-        record_killed(output_dir, stop)
-        return float("nan")
-    except Exception as error:
-        if sweep is None:
-            raise
-        record_failure(output_dir, error)
+        if stop is None:
+            record_failure(output_dir, error)
+        else:
+            record_killed(output_dir, stop)
         return float("nan")
     if cfg.optimized_metric not in metrics:  # checked after logging: the run itself is kept
         raise UserError(

@@ -168,6 +168,9 @@ def test_config_hash_ignores_what_cannot_change_a_result() -> None:
     assert config_hash(compose_config(["data.num_workers=2", "tracking.uri=http://x:1"])) == base
     assert config_hash(compose_config(["resume=true"])) == base
     assert config_hash(compose_config(["model.coreset_ratio=0.5"])) != base
+    tuned = ["threshold=optuna"]  # its study storage interpolates tracking.root
+    tuned_hash = config_hash(compose_config([*tuned, "tracking.root=/a"]))
+    assert config_hash(compose_config([*tuned, "tracking.root=/b"])) == tuned_hash != base
     assert config_hash(compose_config(["category.name=gear"])) != base
 
 

@@ -2,15 +2,19 @@
 
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numba
 import pytest
 from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from helpers.configs import ROOT
+from patchlab.core.coreset import beside_main_thread
 from patchlab.errors import UserError
 from patchlab.outputs import BANK_FILE, METRICS_FILE, UNFINISHED_BANK_FILE, written_atomically
 from patchlab.reporting.summary import collect, compare, to_markdown
@@ -39,8 +43,9 @@ def test_a_signal_inside_a_job_raises_with_its_stage_and_a_second_is_held(stop_s
     os.kill(os.getpid(), signal.SIGINT)  # during cleanup: remembered, not raised
     assert stages.received() == signal.SIGTERM
     # The next job of the sweep does not start.
-    not_started = pytest.raises(stages.Interrupted, match="SIGTERM during not started")
-    with not_started, stages.interruptible():
+    with pytest.raises(stages.Interrupted, match="SIGTERM during before start"):
+        stages.stop_if_received()
+    with pytest.raises(stages.Interrupted), stages.interruptible():
         pytest.fail("a job started after the sweep was stopped")
 
 
@@ -65,6 +70,61 @@ def test_a_forked_loader_worker_ignores_the_stop_signal(stop_signals) -> None:
     _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert stages.received() is None
+
+
+def test_a_signal_during_an_upload_is_held_and_stops_the_next_job(stop_signals) -> None:
+    with stages.interruptible():
+        stages.enter("writing results")
+        with stages.held():  # e.g. the MLflow model's upload at the end of a run
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stages.received() == signal.SIGTERM  # remembered, the run goes on and ends
+    with pytest.raises(stages.Interrupted, match="before start"):
+        stages.stop_if_received()
+
+
+def test_submitits_timeout_warning_keeps_its_handler_and_the_run_ends_killed(
+    cfg: DictConfig, tmp_path: Path, stop_signals
+) -> None:
+    """USR2 is submitit's: it requeues, or ends the job with an error; that ends KILLED."""
+    previous = signal.getsignal(stages.WARNING)
+
+    def submitit_handler(number: int, frame: object) -> None:
+        raise RuntimeError("Job not requeued because: timed-out and not checkpointable.")
+
+    signal.signal(stages.WARNING, submitit_handler)
+    try:
+        stages.catch_stop_signals()
+        failing = pytest.raises(RuntimeError, match="not requeued")
+        with failing, tracked_run(cfg, tmp_path / "out"), stages.interruptible():
+            stages.enter("scoring")
+            os.kill(os.getpid(), stages.WARNING)
+    finally:
+        signal.signal(stages.WARNING, previous)
+    client = MlflowClient(f"sqlite:///{Path(cfg.tracking.root) / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
+    assert run.info.status == "KILLED" and run.data.tags["stage"] == "scoring"
+    assert run.data.tags["error"] == "stopped by SIGUSR2 during scoring"
+
+
+def test_a_signal_during_compiled_coreset_selection_raises_at_once(stop_signals) -> None:
+    """The pruned selection is one compiled call of up to minutes; the stop must not wait."""
+
+    @numba.njit(nogil=True)
+    def spin(steps: int) -> int:  # like pruned_greedy: long, GIL-free, deaf to signals
+        state = 1
+        for _ in range(steps):
+            state = (state * 1103515245 + 12345) & 0x7FFFFFFF
+        return state
+
+    spin(1)  # compiled before the clock starts
+    start = time.perf_counter()
+    spin(50_000_000)
+    steps = int(50_000_000 * 4.0 / max(time.perf_counter() - start, 1e-4))  # about 4 s
+    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.perf_counter()
+    with pytest.raises(stages.Interrupted), stages.interruptible():
+        beside_main_thread(spin, steps)
+    assert time.perf_counter() - start < 2.0
 
 
 def test_interrupted_run_ends_killed_with_its_stage(cfg: DictConfig, tmp_path: Path) -> None:
@@ -95,6 +155,18 @@ def test_a_run_stopped_after_fitting_leaves_nothing_that_looks_finished(
     assert (tmp_path / UNFINISHED_BANK_FILE).is_file()
     assert not (tmp_path / BANK_FILE).exists() and not (tmp_path / METRICS_FILE).exists()
     assert not list(tmp_path.glob(".*.partial"))
+
+
+def test_a_stop_during_the_model_upload_lets_the_finished_run_finish(
+    cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_signals
+) -> None:
+    monkeypatch.setattr(pipeline, "log_model", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
+    with open_dict(cfg):
+        cfg.tracking.enabled = False
+    with stages.interruptible():
+        pipeline.run(cfg, tmp_path)
+    assert (tmp_path / METRICS_FILE).is_file() and (tmp_path / BANK_FILE).is_file()
+    assert stages.received() == signal.SIGTERM  # and the sweep starts no further job
 
 
 def test_a_write_cut_short_leaves_no_file_under_the_real_name(tmp_path: Path) -> None:

@@ -2,6 +2,8 @@
 resolved config, and reruns the rest (failed, killed, never started, or changed)."""
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 from mlflow.artifacts import download_artifacts
@@ -36,16 +38,21 @@ def finished_run(cfg: DictConfig) -> Run | None:
 
 
 def reuse(run: Run, cfg: DictConfig, output_dir: Path) -> dict[str, float]:
-    """Puts the finished run's metrics.json and config.yaml in this job's folder, with a
-    resumed.json naming the run, so the sweep's summary covers the job as if it had run."""
+    """Puts the finished run's config.yaml and metrics.json in this job's folder, with a
+    resumed.json naming the run, so the sweep's summary covers the job as if it had run.
+
+    metrics.json comes last (downloaded aside, then renamed): it is what marks a job done.
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name in (METRICS_FILE, CONFIG_FILE):
-        download_artifacts(
-            run_id=run.info.run_id,
-            artifact_path=name,
-            dst_path=str(output_dir),
-            tracking_uri=tracking_uri(cfg.tracking),
-        )
     source = {"run_id": run.info.run_id, "config_hash": config_hash(cfg)}
     write_json(source, output_dir / RESUMED_FILE)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".download-") as folder:
+        for name in (CONFIG_FILE, METRICS_FILE):
+            download_artifacts(
+                run_id=run.info.run_id,
+                artifact_path=name,
+                dst_path=folder,
+                tracking_uri=tracking_uri(cfg.tracking),
+            )
+            os.replace(Path(folder) / name, output_dir / name)
     return json.loads((output_dir / METRICS_FILE).read_text())

@@ -156,12 +156,13 @@ def git_commit() -> str:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """The resolved config's fingerprint, less the settings that cannot change a result.
+    """The config's fingerprint, less the settings that cannot change a result.
 
     Stored as the `config_hash` tag on every run, so `resume=true` can find a finished run of
     the same job.
     """
-    config = OmegaConf.to_container(cfg, resolve=True)
+    # Unresolved: `threshold.storage` interpolates `tracking.root`, which must not count.
+    config = OmegaConf.to_container(cfg, resolve=False)
     config.pop("hydra", None)
     for dotted in NOT_HASHED:
         *parents, key = dotted.split(".")
@@ -234,12 +235,13 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
         killed = False
         try:
             yield
-        except stages.Interrupted as stop:
-            mlflow.set_tags({"stage": stop.stage, "error": str(stop)})
-            killed = True
-            raise
-        except Exception as error:
-            mlflow.set_tags({"stage": stages.current(), "error": describe(error)[:4000]})
+        except BaseException as error:
+            stop = stages.stopped_by(error)
+            if stop is not None:
+                mlflow.set_tags({"stage": stop.stage, "error": str(stop)})
+                killed = True
+            elif isinstance(error, Exception):
+                mlflow.set_tags({"stage": stages.current(), "error": describe(error)[:4000]})
             raise
         finally:
             if output_dir.is_dir():

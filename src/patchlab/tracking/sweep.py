@@ -38,16 +38,19 @@ def record_failure(output_dir: Path, error: BaseException) -> None:
     first = first_error(error)
     trace = "".join(traceback.format_exception(first))
     log.error("Job failed: %s", trace)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json({"error": describe(error), "traceback": trace}, output_dir / FAILED_FILE)
+    _record({"error": describe(error), "traceback": trace}, output_dir / FAILED_FILE)
 
 
 def record_killed(output_dir: Path, stop: stages.Interrupted) -> None:
     """Leaves the signal and the stage it stopped, so the summary lists the job as KILLED."""
     log.error("Job %s", stop)
-    output_dir.mkdir(parents=True, exist_ok=True)
     killed = {"error": str(stop), "signal": stop.signal_name, "stage": stop.stage}
-    write_json(killed, output_dir / KILLED_FILE)
+    _record(killed, output_dir / KILLED_FILE)
+
+
+def _record(fields: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(fields, path)
 
 
 def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
@@ -100,13 +103,16 @@ def finish_sweep_run(
 class SweepSummary(Callback):
     """Opens the sweep's MLflow run before parallel jobs start; summarises the sweep at its end.
 
-    A stop signal to the sweep's own process (the basic launcher runs every job in it) ends
-    the running job as KILLED, marks the jobs not yet started as KILLED too, and still writes
-    the summary; the sweep then exits with the signal's status.
+    With the basic launcher, which runs every job in the sweep's own process, a stop signal
+    ends the running job as KILLED, marks the jobs not yet started as KILLED too, and still
+    writes the summary; the sweep then exits with the signal's status. Other launchers' jobs
+    are processes of their own and handle their signals themselves; their controller keeps
+    the default handlers, so Ctrl+C stops it at once.
     """
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        stages.catch_stop_signals()
+        if str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+            stages.catch_stop_signals()
         if config.tracking.enabled:
             start_sweep_run(config, Path(config.hydra.sweep.dir))
 

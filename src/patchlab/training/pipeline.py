@@ -84,7 +84,8 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     """Fits and tests one category.
 
     The bank is saved as unfinished before testing, so a failure keeps it; the final bank and
-    metrics.json are written last, so their presence means the run finished.
+    then metrics.json are written once everything else is, so their presence means the run
+    finished. Only the MLflow model is logged after them, with stop signals held.
     """
     release_freed_memory()
     stages.enter("setup")
@@ -136,12 +137,13 @@ def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore,
     render_run(output_dir, out)
     save_bank(model.banks, cfg, output_dir / BANK_FILE, decisions, model.statistics)
     unfinished.unlink()
-    if model.is_ensemble:
-        log.warning("Not logging a servable model: predict and export take one backbone")
-    else:
-        log_model(output_dir / BANK_FILE, cfg.tracking)
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
     log_metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
     write_json(metrics, output_dir / METRICS_FILE)
+    if model.is_ensemble:
+        log.warning("Not logging a servable model: predict and export take one backbone")
+    else:
+        with stages.held():  # an upload of the finished bank: not cut in half
+            log_model(output_dir / BANK_FILE, cfg.tracking)
     log.info("%s: %s", cfg.category.name, result_line(metrics))
     return metrics, model, datamodule

@@ -17,6 +17,10 @@ from types import FrameType
 
 log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# submitit's warning that a SLURM job is about to time out or be preempted. Its own handler
+# stays in charge (it requeues the job, or ends it with an error); the warning is only
+# remembered, so that whatever submitit raises ends the run as KILLED, not FAILED.
+WARNING = signal.SIGUSR2
 
 
 class Interrupted(BaseException):
@@ -34,6 +38,7 @@ _stage = "setup"
 _received: int | None = None  # the first stop signal this process got
 _armed = False  # raise on a signal (inside a job's work) or only remember it
 _owner: int | None = None  # the process that set the handlers
+_warned_by: object = None  # the handler that was on WARNING before ours (submitit's)
 
 
 def enter(stage: str) -> None:
@@ -68,30 +73,73 @@ def _on_signal(signal_number: int, frame: FrameType | None) -> None:
     log.warning("%s received: no further job starts", signal.Signals(signal_number).name)
 
 
+def _on_warning(signal_number: int, frame: FrameType | None) -> None:
+    global _received
+    if os.getpid() == _owner and _received is None:
+        _received = signal_number
+    if callable(_warned_by):
+        _warned_by(signal_number, frame)
+
+
 def catch_stop_signals() -> None:
-    """Process-wide, for train.py and the sweep's controller: remember the first stop signal.
+    """Process-wide, for train.py and the basic launcher's sweep: remember the first stop
+    signal (and raise it inside `interruptible`); chain submitit's timeout warning.
 
     Only the main thread may set handlers; elsewhere (a thread-pool launcher) signals keep
     their default action.
     """
-    global _owner
+    global _owner, _warned_by
     _owner = os.getpid()
     try:
         for number in SIGNALS:
             signal.signal(number, _on_signal)
+        previous = signal.getsignal(WARNING)
+        if callable(previous) and previous is not _on_warning:
+            _warned_by = previous
+            signal.signal(WARNING, _on_warning)
     except ValueError:
         log.debug("not the main thread: stop signals keep their default handlers")
 
 
+def stop_if_received(stage: str = "before start") -> None:
+    """Raises Interrupted if a stop signal came already: a sweep starts no job after one."""
+    if _received is not None:
+        raise Interrupted(_received, stage)
+
+
 @contextmanager
 def interruptible() -> Iterator[None]:
-    """Inside, the first stop signal raises Interrupted; a signal that came before raises now."""
+    """Inside, the first stop signal raises Interrupted; one that came before raises now.
+
+    Only the job's own work goes inside: MLflow's calls around it (opening the run, logging
+    params, uploading artifacts, the model) hold a signal until they are done, so the run
+    is never left RUNNING or half-logged by a stop in the middle of a request.
+    """
     global _armed, _stage
     _stage = "setup"
-    if _received is not None:
-        raise Interrupted(_received, "not started")
-    _armed = True
+    _armed = True  # before the check: a signal in between raises either way
     try:
+        stop_if_received(_stage)
         yield
     finally:
         _armed = False
+
+
+def stopped_by(error: BaseException) -> Interrupted | None:
+    """The stop behind `error`: itself, or, after a signal, whatever it made submitit (or
+    Lightning) raise instead; None for an ordinary failure."""
+    if isinstance(error, Interrupted):
+        return error
+    return Interrupted(_received, _stage) if _received is not None else None
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """Inside, a stop signal is only remembered (for an upload at a job's end: the run then
+    finishes, and the sweep starts no further job)."""
+    global _armed
+    was_armed, _armed = _armed, False
+    try:
+        yield
+    finally:
+        _armed = was_armed
