@@ -114,8 +114,8 @@ def beside_main_thread(compiled: Callable[..., T], *args: object) -> T:
 
     Python handles signals only in the main thread, between bytecodes; during a minute-long
     compiled call it could not, and SLURM's SIGTERM would wait for the whole selection. Here
-    the main thread waits interruptibly: a stop raises at once, and the abandoned thread ends
-    with the process.
+    the main thread waits interruptibly: a stop raises at once. The abandoned thread computes
+    on (one core) until its loop ends or the process exits.
     """
     result: list[T] = []
     failure: list[BaseException] = []

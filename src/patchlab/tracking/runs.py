@@ -162,8 +162,7 @@ def config_hash(cfg: DictConfig) -> str:
     the same job.
     """
     # Unresolved: `threshold.storage` interpolates `tracking.root`, which must not count.
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config.pop("hydra", None)
+    config = plain(cfg, resolve=False)
     for dotted in NOT_HASHED:
         *parents, key = dotted.split(".")
         node = config
@@ -174,10 +173,15 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_params(cfg: DictConfig) -> dict[str, str]:
-    config = OmegaConf.to_container(cfg, resolve=True)
+def plain(cfg: DictConfig, resolve: bool = True) -> dict:
+    """The job's config as plain data, without Hydra's own node."""
+    config = OmegaConf.to_container(cfg, resolve=resolve)
     config.pop("hydra", None)
-    return flatten(config) | {f"version.{name}": version(name) for name in PACKAGES}
+    return config
+
+
+def run_params(cfg: DictConfig) -> dict[str, str]:
+    return flatten(plain(cfg)) | {f"version.{name}": version(name) for name in PACKAGES}
 
 
 @contextmanager
