@@ -52,7 +52,8 @@ def main(cfg: DictConfig) -> float:
         if sweep is None:
             if stop is None:
                 raise
-            log.error("Run %s; its MLflow run is KILLED", stop)
+            tracked = "; its MLflow run is KILLED" if cfg.tracking.enabled else ""
+            log.error("Run %s%s", stop, tracked)
             raise SystemExit(stop.exit_code) from None
         if stop is None:
             record_failure(output_dir, error)

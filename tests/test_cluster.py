@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from helpers.configs import ROOT, compose_config, train_command
-from helpers.mlflow_server import mlflow_server
+from helpers.mlflow_server import artifact_paths, mlflow_server
 from helpers.synthetic import make_category
 from patchlab.outputs import BANK_FILE, METRICS_FILE, UNFINISHED_BANK_FILE, bank_digest
 from patchlab.tracking.runs import config_hash, run_params
@@ -48,13 +48,6 @@ def runs_by_category(client: MlflowClient) -> tuple[object, dict[str, object]]:
     jobs = {r.data.tags["category"]: r for r in runs if "category" in r.data.tags}
     assert sorted(jobs) == sorted(NAMES) and len(runs) == len(NAMES) + 1
     return parent, jobs
-
-
-def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
-    paths = set()
-    for item in client.list_artifacts(run_id, path):
-        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
-    return paths
 
 
 def result(job_dir: Path) -> tuple[str, dict[str, float]]:

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from helpers.configs import ROOT, compose_config, tracked, train_command
-from helpers.mlflow_server import mlflow_server
+from helpers.mlflow_server import artifact_paths, mlflow_server
 from helpers.synthetic import MVTEC_CATEGORIES, make_category
 from patchlab.core.metrics import evaluate
 from patchlab.outputs import BANK_FILE, read_bank, save_bank
@@ -32,14 +32,6 @@ def only_run(uri: str) -> mlflow.entities.Run:
     return found
 
 
-def artifact_paths(uri: str, run_id: str, path: str = "") -> set[str]:
-    client = MlflowClient(uri)
-    paths = set()
-    for item in client.list_artifacts(run_id, path):
-        paths |= artifact_paths(uri, run_id, item.path) if item.is_dir else {item.path}
-    return paths
-
-
 def check_run(uri: str, metrics: dict[str, float]) -> mlflow.entities.Run:
     found = only_run(uri)
     assert found.info.status == "FINISHED" and found.data.tags["category"] == "bottle"
@@ -48,7 +40,7 @@ def check_run(uri: str, metrics: dict[str, float]) -> mlflow.entities.Run:
     assert params["backbone.layers"] == "['layer2', 'layer3']" and "version.torch" in params
     assert found.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert {"peak_rss_mb", "aupro", "bank_size", "fit_seconds"} <= set(found.data.metrics)
-    paths = artifact_paths(uri, found.info.run_id)
+    paths = artifact_paths(MlflowClient(uri), found.info.run_id)
     assert {BANK_FILE, "scores.csv", "metrics.json", "config.yaml"} <= paths
     assert any(p.startswith("heatmaps/") and p.endswith(".png") for p in paths)
     return found
@@ -176,7 +168,7 @@ def test_fifteen_category_sweep_lands_in_the_store_and_the_ui(tmp_path) -> None:
     assert sum(t.get("summary") == "true" for t in tags) == 1
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
     one = next(r for r in runs if r["info"]["run_name"].startswith("bottle "))["info"]["run_id"]
-    assert ".hydra/config.yaml" in artifact_paths(client._tracking_client.tracking_uri, one)
+    assert ".hydra/config.yaml" in artifact_paths(client, one)
     assert len({t["sweep"] for t in tags}) == 1
 
 

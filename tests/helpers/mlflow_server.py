@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from mlflow.tracking import MlflowClient
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -74,3 +76,11 @@ def model_server(model_uri: str, tracking_uri: str) -> Iterator[str]:
     env = os.environ | {"MLFLOW_TRACKING_URI": tracking_uri}
     with serving(command, port, env) as url:
         yield url
+
+
+def artifact_paths(client: MlflowClient, run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of a run, as paths relative to its artifact root."""
+    paths = set()
+    for item in client.list_artifacts(run_id, path):
+        paths |= artifact_paths(client, run_id, item.path) if item.is_dir else {item.path}
+    return paths

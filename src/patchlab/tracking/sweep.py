@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from pandas import DataFrame
 
 from patchlab.outputs import write_json
-from patchlab.reporting.summary import FAILED_FILE, KILLED_FILE, write_summary
+from patchlab.reporting.summary import FAILED_FILE, KILLED_FILE, failures, write_summary
 from patchlab.tracking.runs import (
     PARENT_RUN_FILE,
     describe,
@@ -128,7 +128,7 @@ class SweepSummary(Callback):
         log.info("Sweep summary:\n%s", paths[1].read_text())
         if run_id:
             finish_sweep_run(config, run_id, table, picked, paths)
-        failed = table[table["status"].isin(["FAILED", "KILLED"])].index.tolist()
+        failed = [name for name, _, _ in failures(table)]
         # Hydra turns a callback's exception into a warning; a sweep with failures must
         # still exit non-zero for the scripts and CI jobs that launch it.
         if stages.received() is not None:
