@@ -15,7 +15,7 @@ from patchlab.core.search import ExactIndex, IVFIndex, nearest_neighbours
 CORE = Path(__file__).resolve().parents[1] / "src" / "patchlab" / "core"
 
 
-@pytest.mark.parametrize("path", sorted(CORE.glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(CORE.rglob("*.py")), ids=lambda p: str(p.relative_to(CORE)))
 def test_core_imports_no_framework(path: Path) -> None:
     tree = ast.parse(path.read_text())
     names = {

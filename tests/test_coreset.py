@@ -26,11 +26,13 @@ def reference(points: np.ndarray, first: int, keep: int) -> list[int]:
     return selected
 
 
-def pruned(points: np.ndarray, first: int, keep: int, bound_dims: int) -> list[int]:
-    """The pruned selection with a center-to-center bound over `bound_dims` principal axes
-    (all of them when `bound_dims` >= the points' width)."""
+def pruned(
+    points: np.ndarray, first: int, keep: int, bound_dims: int, spare: int = -1
+) -> list[int]:
+    """The pruned selection with its bounds over `bound_dims` principal axes (all of them
+    when `bound_dims` >= the points' width) and `spare` free arena rows (-1: the default)."""
     mean, basis = bound_basis(points, min(bound_dims, points.shape[1]))
-    return pruned_greedy(points, first, keep, mean, basis).tolist()
+    return pruned_greedy(points, first, keep, mean, basis, spare).tolist()
 
 
 def coverage(points: np.ndarray, selected: list[int]) -> float:
@@ -69,6 +71,14 @@ def test_pruned_selection_equals_the_plain_loop(count: int, ratio: float) -> Non
     assert coverage(points, b) == pytest.approx(coverage(points, a), rel=1e-5)
 
 
+def test_a_tight_arena_compacts_and_grows_without_changing_a_pick() -> None:
+    points = clustered(20_000, 64, seed=5).numpy()
+    mean, basis = bound_basis(points)
+    roomy = pruned_greedy(points, 3, 2_000, mean, basis, 10 * len(points))
+    assert pruned_greedy(points, 3, 2_000, mean, basis, 0).tolist() == roomy.tolist()
+    assert pruned_greedy(points, 3, 2_000, mean, basis).tolist() == roomy.tolist()
+
+
 def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_loop() -> None:
     assert SAMPLERS["greedy_coreset"] is PrunedGreedyCoresetSampler
     features = clustered(500, 16, seed=1)
@@ -87,18 +97,20 @@ def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_l
     levels=st.integers(1, 4),
     keep_fraction=st.floats(0.01, 1.0),
     bound_dims=st.integers(1, 6),
+    spare=st.sampled_from([-1, 0, 3]),
     seed=st.integers(0, 2**16),
 )
 def test_exact_ties_and_duplicates_select_as_the_reference(
-    count: int, dim: int, levels: int, keep_fraction: float, bound_dims: int, seed: int
+    count: int, dim: int, levels: int, keep_fraction: float, bound_dims: int, spare: int, seed: int
 ) -> None:
     """Small integer coordinates: many duplicates and equal distances, all computed exactly,
-    so the tie-breaking (lowest index) alone decides, and it must match."""
+    so the tie-breaking (lowest index) alone decides, and it must match. A small `spare`
+    makes the arena compact and grow in most steps."""
     rng = np.random.default_rng(seed)
     points = rng.integers(0, levels, size=(count, dim)).astype(np.float32)
     keep = max(1, int(count * keep_fraction))
     first = int(rng.integers(count))
-    selected = pruned(points, first, keep, bound_dims)
+    selected = pruned(points, first, keep, bound_dims, spare)
     assert selected == reference(points, first, keep)
 
 

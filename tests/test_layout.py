@@ -24,7 +24,12 @@ NO_LIGHTNING = [
     "patchlab.tuning.synthetic",
     "patchlab.tuning.split",
 ]
-CORE = sorted(f"patchlab.core.{path.stem}" for path in (PACKAGE / "core").glob("*.py"))
+CORE = sorted(
+    ".".join(("patchlab", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(
+        ".__init__"
+    )
+    for path in (PACKAGE / "core").rglob("*.py")
+)
 
 
 def loaded_frameworks(modules: list[str], banned: set[str]) -> dict[str, list[str]]:
