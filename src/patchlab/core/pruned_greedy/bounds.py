@@ -60,6 +60,25 @@ def prefetch(typingctx, array, index):  # numba's intrinsic signature, untyped
     return types.void(array, index), codegen
 
 
+@njit(cache=True)
+def prefetch_row(array: np.ndarray, row: int) -> None:
+    """Prefetches every cache line of one row of a 2-D float32 array (16 items a line)."""
+    width = array.shape[1]
+    for line in range(0, width, 16):
+        prefetch(array, row * width + line)
+
+
+@njit(cache=True, fastmath=True)
+def rotated_sq_dist(rows: np.ndarray, j: int, new_rot: np.ndarray) -> float:
+    """Squared distance of row j to the new center over the rotated axes (the last column of
+    both is a squared norm, not an axis)."""
+    total = np.float32(0.0)
+    for q in range(len(new_rot) - 1):
+        diff = rows[j, q] - new_rot[q]
+        total += diff * diff
+    return total
+
+
 @njit(cache=True, fastmath=True)
 def sq_dist(x: np.ndarray, i: int, y: np.ndarray, j: int) -> float:
     total = np.float32(0.0)

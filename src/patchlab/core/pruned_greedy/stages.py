@@ -7,7 +7,15 @@ several items ahead, so that many cache misses are in flight at once.
 import numpy as np
 from numba import njit
 
-from patchlab.core.pruned_greedy.bounds import AHEAD, MARGIN, SLACK, prefetch, sq_dist
+from patchlab.core.pruned_greedy.bounds import (
+    AHEAD,
+    MARGIN,
+    SLACK,
+    prefetch,
+    prefetch_row,
+    rotated_sq_dist,
+    sq_dist,
+)
 
 
 @njit(cache=True, fastmath=True)
@@ -44,13 +52,9 @@ def losing_clusters(
     losing = 0
     for n in range(near):
         if n + AHEAD < near:
-            for line in range(0, axes + 1, 16):
-                prefetch(center_rot, listed[n + AHEAD] * (axes + 1) + line)
+            prefetch_row(center_rot, listed[n + AHEAD])
         a = listed[n]
-        between = np.float32(0.0)
-        for q in range(axes):
-            diff = center_rot[a, q] - new_rot[q]
-            between += diff * diff
+        between = rotated_sq_dist(center_rot, a, new_rot)
         slack = SLACK * (center_rot[a, axes] + new_rot[axes])
         half[losing] = (between - slack) / (4.0 * MARGIN)
         listed[losing] = a
@@ -127,13 +131,9 @@ def float_stage(new_rot: np.ndarray, arena: tuple, found: np.ndarray, survivors:
     closer = 0
     for t in range(survivors):
         if t + AHEAD < survivors:
-            for line in range(0, axes + 1, 16):
-                prefetch(rot, found[t + AHEAD] * (axes + 1) + line)
+            prefetch_row(rot, found[t + AHEAD])
         j = found[t]
-        close = np.float32(0.0)
-        for q in range(axes):
-            diff = rot[j, q] - new_rot[q]
-            close += diff * diff
+        close = rotated_sq_dist(rot, j, new_rot)
         found[closer] = j
         closer += close < dist[j] * MARGIN + SLACK * (rot[j, axes] + new_rot[axes])
     return closer
@@ -151,12 +151,10 @@ def exact_stage(
     """Stage 3: the exact distance, as the plain loop measures it. Keeps the movers at the
     front of `found` with their new distances in `moved_dist`; returns how many."""
     index, dist, _, _, _ = arena
-    dim = points.shape[1]
     movers = 0
     for t in range(closer):
         if t + AHEAD < closer:
-            for line in range(0, dim, 16):
-                prefetch(points, index[found[t + AHEAD]] * dim + line)
+            prefetch_row(points, index[found[t + AHEAD]])
         j = found[t]
         candidate = sq_dist(points, index[j], points, new)
         if candidate < dist[j]:
