@@ -79,6 +79,14 @@ def test_a_tight_arena_compacts_and_grows_without_changing_a_pick() -> None:
     assert pruned_greedy(points, 3, 2_000, mean, basis).tolist() == roomy.tolist()
 
 
+def test_a_bank_size_outside_one_to_n_is_refused() -> None:
+    points = clustered(50, 8, seed=2).numpy()
+    mean, basis = bound_basis(points)
+    for keep in (0, 51):
+        with pytest.raises(ValueError, match="keep must be between 1 and the number of points"):
+            pruned_greedy(points, 0, keep, mean, basis)
+
+
 def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_loop() -> None:
     assert SAMPLERS["greedy_coreset"] is PrunedGreedyCoresetSampler
     features = clustered(500, 16, seed=1)
@@ -117,10 +125,10 @@ def test_exact_ties_and_duplicates_select_as_the_reference(
 @settings(max_examples=40, deadline=None)
 @given(
     count=st.integers(2, 400),
-    dim=st.integers(1, 24),
+    dim=st.integers(1, 64),
     keep_fraction=st.floats(0.01, 0.5),
     scale=st.sampled_from([1e-3, 1.0, 1e3]),
-    bound_dims=st.integers(1, 24),
+    bound_dims=st.integers(1, 48),
     seed=st.integers(0, 2**16),
 )
 def test_random_features_reach_the_reference_coverage(

@@ -137,7 +137,7 @@ def beside_main_thread(compiled: Callable[..., T], *args: object) -> T:
 class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
     """The same selection as GreedyCoresetSampler, exact, with most distances never computed.
 
-    See `pruned_greedy.py`: on bottle a step reads the tails of a few hundred clusters, ~2% of
+    See `core/pruned_greedy/`: on bottle a step reads the tails of a few hundred clusters, ~2% of
     the patches, and measures well under 0.1% exactly. It is CPU code in float32. The plain
     loop runs instead for features on a GPU (where one full pass per step is cheap and stays
     on the device), for float16/bfloat16, and for inputs of at most `PLAIN_BELOW` patches

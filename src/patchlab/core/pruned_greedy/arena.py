@@ -114,7 +114,7 @@ def first_cluster(
                 low += rot[j, q] * rot[j, q]
             largest = max(largest, low)
     for q in range(quantised):
-        scale[q] = scale[q] / np.float32(126.0) if scale[q] > 0 else np.float32(1.0)
+        scale[q] = scale[q] / np.float32(126.0) if scale[q] > 1e-30 else np.float32(1.0)
     largest = largest * np.float32(1.01)
     for j in range(count):
         quantise(rot[j], scale, levels[j])

@@ -42,10 +42,10 @@ def prefetch(typingctx, array, index):  # numba's intrinsic signature, untyped
     """Asks the CPU to start loading the cache line of `array.flat[index]` (no fault, no wait)."""
 
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        base = context.make_array(signature.args[0])(context, builder, args[0]).data
         itemsize = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
         offset = builder.mul(args[1], ir.Constant(ir.IntType(64), itemsize))
-        address = builder.add(builder.ptrtoint(data, ir.IntType(64)), offset)
+        address = builder.add(builder.ptrtoint(base, ir.IntType(64)), offset)
         pointer = builder.inttoptr(address, ir.IntType(8).as_pointer())
         i32 = ir.IntType(32)
         function = cgutils.get_or_insert_function(
@@ -53,8 +53,8 @@ def prefetch(typingctx, array, index):  # numba's intrinsic signature, untyped
             ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32]),
             "llvm.prefetch.p0i8",
         )
-        read, all_levels, data = (ir.Constant(i32, value) for value in (0, 3, 1))
-        builder.call(function, [pointer, read, all_levels, data])
+        read, all_levels, data_cache = (ir.Constant(i32, value) for value in (0, 3, 1))
+        builder.call(function, [pointer, read, all_levels, data_cache])
         return context.get_dummy_value()
 
     return types.void(array, index), codegen

@@ -55,6 +55,8 @@ def pruned_greedy(
     needs more.
     """
     count = len(points)
+    if not 1 <= keep <= count:
+        raise ValueError("keep must be between 1 and the number of points")
     axes = basis.shape[1]
     spare = count // 4 if spare < 0 else spare
     capacity = count + spare + 1
