@@ -101,8 +101,8 @@ def first_cluster(
     order = member_order(first_dist, np.arange(count))
     scale = np.zeros(quantised, dtype=np.float32)
     largest = np.float32(0.0)
-    for lo in range(0, count, 65536):
-        hi = min(lo + 65536, count)
+    for lo in range(0, count, 16384):
+        hi = min(lo + 16384, count)
         rot[lo:hi, :axes] = np.dot(points[order[lo:hi]] - mean, basis)
         for j in range(lo, hi):
             index[j] = order[j]
