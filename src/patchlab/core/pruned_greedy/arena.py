@@ -48,7 +48,8 @@ def sort_segment(arena: tuple, lo: int, hi: int) -> None:
 @njit(cache=True)
 def new_arena(capacity: int, quantised: int, axes: int) -> tuple:
     """Per member: patch index, squared distance to its center, stage-1 limit, int8 levels
-    of the first axes, and the rotated axes followed by their squared norm."""
+    of the first axes, and the rotated axes followed by the squared distance from the mean
+    (all D dimensions: the rounding slack is relative to it)."""
     return (
         np.empty(capacity, dtype=np.int64),
         np.empty(capacity, dtype=np.float32),
@@ -89,7 +90,7 @@ def first_cluster(
     points: np.ndarray, first: int, mean: np.ndarray, basis: np.ndarray, capacity: int
 ) -> tuple:
     """The arena with every patch in the first center's cluster, in member order, and the
-    int8 scale per axis and the largest squared norm of the quantised axes."""
+    int8 scale per axis and the largest squared distance from the mean."""
     count = len(points)
     axes = basis.shape[1]
     quantised = min(QUANTISED_AXES, axes)
@@ -103,16 +104,15 @@ def first_cluster(
     largest = np.float32(0.0)
     for lo in range(0, count, 16384):
         hi = min(lo + 16384, count)
-        rot[lo:hi, :axes] = np.dot(points[order[lo:hi]] - mean, basis)
+        centred = points[order[lo:hi]] - mean
+        rot[lo:hi, :axes] = np.dot(centred, basis)
         for j in range(lo, hi):
             index[j] = order[j]
             dist[j] = first_dist[order[j]]
-            rot[j, axes] = np.dot(rot[j, :axes], rot[j, :axes])
-            low = np.float32(0.0)
+            rot[j, axes] = np.dot(centred[j - lo], centred[j - lo])
+            largest = max(largest, rot[j, axes])
             for q in range(quantised):
                 scale[q] = max(scale[q], abs(rot[j, q]))
-                low += rot[j, q] * rot[j, q]
-            largest = max(largest, low)
     for q in range(quantised):
         scale[q] = scale[q] / np.float32(126.0) if scale[q] > 1e-30 else np.float32(1.0)
     largest = largest * np.float32(1.01)

@@ -71,7 +71,7 @@ def prefetch_row(array: np.ndarray, row: int) -> None:
 @njit(cache=True, fastmath=True)
 def rotated_sq_dist(rows: np.ndarray, j: int, new_rot: np.ndarray) -> float:
     """Squared distance of row j to the new center over the rotated axes (the last column of
-    both is a squared norm, not an axis)."""
+    both is the squared distance from the mean, not an axis)."""
     total = np.float32(0.0)
     for q in range(len(new_rot) - 1):
         diff = rows[j, q] - new_rot[q]
@@ -89,24 +89,33 @@ def sq_dist(x: np.ndarray, i: int, y: np.ndarray, j: int) -> float:
 
 
 @njit(cache=True, fastmath=True)
-def quantise(rot: np.ndarray, scale: np.ndarray, out: np.ndarray) -> tuple[float, float]:
-    """Writes the first axes of `rot` as int8 levels into `out`; returns the squared
-    quantisation error and the squared norm of the dequantised vector."""
+def quantisation_error(levels: np.ndarray, rot: np.ndarray, scale: np.ndarray) -> float:
+    """Squared distance between a vector's dequantised int8 levels and its float axes."""
     err = np.float32(0.0)
-    norm = np.float32(0.0)
     for q in range(len(scale)):
-        level = min(max(np.round(rot[q] / scale[q]), -127.0), 127.0)
-        out[q] = np.int8(level)
-        value = np.float32(level) * scale[q]
-        err += (value - rot[q]) * (value - rot[q])
-        norm += value * value
-    return err, norm
+        diff = np.float32(levels[q]) * scale[q] - rot[q]
+        err += diff * diff
+    return err
+
+
+@njit(cache=True, fastmath=True)
+def quantise(rot: np.ndarray, scale: np.ndarray, out: np.ndarray) -> float:
+    """Writes the first axes of `rot` as int8 levels into `out`; returns the squared
+    quantisation error."""
+    for q in range(len(scale)):
+        out[q] = np.int8(min(max(np.round(rot[q] / scale[q]), -127.0), 127.0))
+    return quantisation_error(out, rot, scale)
 
 
 @njit(cache=True, fastmath=True)
 def reach(distance: float, err: float, norm: float, largest: float) -> float:
     """The quantised squared estimate at or beyond which the true distance is >= `distance`
-    (squared): a vector's int8 levels are off by at most sqrt(err) from its float axes."""
+    (squared): a vector's int8 levels are off by at most sqrt(err) from its float axes.
+
+    `norm` and `largest` are squared distances from the mean in all dimensions (this vector's
+    and the largest of any): the float32 rounding of the rotation and of the sums is relative
+    to them, so the slack covers it however little of the data the axes hold.
+    """
     if distance <= 0.0:
         return np.float32(-1.0)
     bound = (np.sqrt(distance) + np.sqrt(err)) * MARGIN
@@ -117,11 +126,6 @@ def reach(distance: float, err: float, norm: float, largest: float) -> float:
 def member_gate(
     dist: float, levels: np.ndarray, rot: np.ndarray, scale: np.ndarray, largest: float
 ) -> float:
-    """A member's stage-1 limit: quantised estimates at or beyond it cannot beat `dist`."""
-    err = np.float32(0.0)
-    norm = np.float32(0.0)
-    for q in range(len(scale)):
-        value = np.float32(levels[q]) * scale[q]
-        err += (value - rot[q]) * (value - rot[q])
-        norm += value * value
-    return reach(dist, err, norm, largest)
+    """A member's stage-1 limit: quantised estimates at or beyond it cannot beat `dist`.
+    `rot` is its arena row: rotated axes, then its squared distance from the mean."""
+    return reach(dist, quantisation_error(levels, rot, scale), rot[len(rot) - 1], largest)

@@ -17,9 +17,9 @@ from patchlab.core.pruned_greedy.widest_heap import sift_down, sift_up
 
 @njit(cache=True)
 def new_center(step: int, new_rot: np.ndarray, centers: tuple, scale: np.ndarray) -> None:
-    center_rot, center_levels, center_err, center_norm, _ = centers
+    center_rot, center_levels, center_err, _ = centers
     center_rot[step] = new_rot
-    center_err[step], center_norm[step] = quantise(new_rot, scale, center_levels[:, step])
+    center_err[step] = quantise(new_rot, scale, center_levels[:, step])
 
 
 @njit(cache=True)
@@ -29,11 +29,12 @@ def set_radius(
     """Radius and farthest member from the segment's last member; the center-pass limit."""
     index, dist, _, _, _ = arena
     start, sizes, radius, farthest = clusters
-    _, _, center_err, center_norm, center_limit = centers
+    center_rot, _, center_err, center_limit = centers
     last = start[a] + sizes[a] - 1
     radius[a] = dist[last] if sizes[a] else np.float32(-1.0)
     farthest[a] = index[last] if sizes[a] else count
-    center_limit[a] = reach(4.0 * radius[a], center_err[a], center_norm[a], largest)
+    norm = center_rot[a, center_rot.shape[1] - 1]
+    center_limit[a] = reach(4.0 * radius[a], center_err[a], norm, largest)
 
 
 # fastmath lets the distance sums vectorise; comparisons see no NaN or inf.
@@ -69,10 +70,9 @@ def pruned_greedy(
     )
     start, sizes, radius, _ = clusters
     centers = (
-        np.empty((keep, axes + 1), dtype=np.float32),  # rotated axes, then squared norm
+        np.empty((keep, axes + 1), dtype=np.float32),  # rotated axes, |center - mean|^2
         np.empty((len(scale), keep), dtype=np.int8),  # int8 axes, axis by axis
         np.empty(keep, dtype=np.float32),  # squared quantisation error
-        np.empty(keep, dtype=np.float32),  # squared norm of the quantised axes
         np.empty(keep, dtype=np.float32),  # center-pass limit
     )
     heap, place = np.zeros(keep, dtype=np.int64), np.zeros(keep, dtype=np.int64)
@@ -81,8 +81,9 @@ def pruned_greedy(
     found, moved_dist = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.float32)
     selected = np.empty(keep, dtype=np.int64)
     new_rot = np.empty(axes + 1, dtype=np.float32)
-    new_rot[:axes] = np.dot(points[first] - mean, basis)
-    new_rot[axes] = np.dot(new_rot[:axes], new_rot[:axes])
+    centred = points[first] - mean
+    new_rot[:axes] = np.dot(centred, basis)
+    new_rot[axes] = np.dot(centred, centred)
     selected[0] = first
     new_center(0, new_rot, centers, scale)
     sizes[0] = count

@@ -35,7 +35,7 @@ def losing_clusters(
     First every center on its int8 axes (one byte per axis, axis by axis so that it
     vectorises: this is the O(keep^2) part), then the few left on all float axes.
     """
-    center_rot, center_levels, _, _, center_limit = centers
+    center_rot, center_levels, _, center_limit = centers
     axes = len(new_rot) - 1
     estimate[:step] = 0.0
     for q in range(center_levels.shape[0]):
