@@ -8,7 +8,13 @@ there as the new cluster's segment; the holes they leave are closed when the are
 import numpy as np
 from numba import njit
 
-from patchlab.core.pruned_greedy.bounds import QUANTISED_AXES, member_gate, quantise, sq_dist
+from patchlab.core.pruned_greedy.bounds import (
+    QUANTISED_AXES,
+    member_gate,
+    quantise,
+    reach,
+    sq_dist,
+)
 
 
 @njit(cache=True)
@@ -117,8 +123,7 @@ def first_cluster(
         scale[q] = scale[q] / np.float32(126.0) if scale[q] > 1e-30 else np.float32(1.0)
     largest = largest * np.float32(1.01)
     for j in range(count):
-        quantise(rot[j], scale, levels[j])
-        gate[j] = member_gate(dist[j], levels[j], rot[j], scale, largest)
+        gate[j] = reach(dist[j], quantise(rot[j], scale, levels[j]), rot[j, axes], largest)
     return arena, scale, largest
 
 

@@ -89,8 +89,9 @@ def sq_dist(x: np.ndarray, i: int, y: np.ndarray, j: int) -> float:
 
 
 @njit(cache=True, fastmath=True)
-def quantisation_error(levels: np.ndarray, rot: np.ndarray, scale: np.ndarray) -> float:
-    """Squared distance between a vector's dequantised int8 levels and its float axes."""
+def dequantised_sq_dist(levels: np.ndarray, rot: np.ndarray, scale: np.ndarray) -> float:
+    """Squared distance between int8 `levels` (times `scale`) and the first float axes of
+    `rot`: a vector's quantisation error, or stage 1's estimate against the new center."""
     err = np.float32(0.0)
     for q in range(len(scale)):
         diff = np.float32(levels[q]) * scale[q] - rot[q]
@@ -104,7 +105,7 @@ def quantise(rot: np.ndarray, scale: np.ndarray, out: np.ndarray) -> float:
     quantisation error."""
     for q in range(len(scale)):
         out[q] = np.int8(min(max(np.round(rot[q] / scale[q]), -127.0), 127.0))
-    return quantisation_error(out, rot, scale)
+    return dequantised_sq_dist(out, rot, scale)
 
 
 @njit(cache=True, fastmath=True)
@@ -128,4 +129,4 @@ def member_gate(
 ) -> float:
     """A member's stage-1 limit: quantised estimates at or beyond it cannot beat `dist`.
     `rot` is its arena row: rotated axes, then its squared distance from the mean."""
-    return reach(dist, quantisation_error(levels, rot, scale), rot[len(rot) - 1], largest)
+    return reach(dist, dequantised_sq_dist(levels, rot, scale), rot[len(rot) - 1], largest)

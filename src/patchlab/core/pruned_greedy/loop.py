@@ -81,9 +81,7 @@ def pruned_greedy(
     found, moved_dist = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.float32)
     selected = np.empty(keep, dtype=np.int64)
     new_rot = np.empty(axes + 1, dtype=np.float32)
-    centred = points[first] - mean
-    new_rot[:axes] = np.dot(centred, basis)
-    new_rot[axes] = np.dot(centred, centred)
+    new_rot[:] = arena[4][np.argmax(arena[0][:count] == first)]  # its row in the arena
     selected[0] = first
     new_center(0, new_rot, centers, scale)
     sizes[0] = count

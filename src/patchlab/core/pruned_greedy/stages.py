@@ -11,6 +11,7 @@ from patchlab.core.pruned_greedy.bounds import (
     AHEAD,
     MARGIN,
     SLACK,
+    dequantised_sq_dist,
     prefetch,
     prefetch_row,
     rotated_sq_dist,
@@ -113,10 +114,7 @@ def quantised_stage(
                 prefetch(levels, line)
         end = start[listed[n]] + sizes[listed[n]]
         for j in range(end - tail[n], end):
-            close = np.float32(0.0)
-            for q in range(quantised):
-                diff = np.float32(levels[j, q]) * scale[q] - new_rot[q]
-                close += diff * diff
+            close = dequantised_sq_dist(levels[j], new_rot, scale)
             found[survivors] = j
             survivors += close < gate[j]
     return survivors
