@@ -2,7 +2,7 @@
 
     python benchmarks/bench_bottle.py                      # bottle, efficientnet_lite2, seed recipe
     python benchmarks/bench_bottle.py --scaling            # coreset (50k-2M) and scoring vs N
-    python benchmarks/bench_bottle.py model.coreset_dtype=float16   # any Hydra override
+    python benchmarks/bench_bottle.py search=ivf            # any Hydra override
 
 Prints numbers; it asserts nothing. The end-to-end figures come from the same `pipeline.run`
 that train.py uses; the per-stage split re-runs each stage on its own.
@@ -17,14 +17,15 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 
 from patchlab.core.coreset import GreedyCoresetSampler, PrunedGreedyCoresetSampler
 from patchlab.core.metrics import evaluate
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import IVFIndex
-from patchlab.training.build import build
-from patchlab.training.pipeline import peak_rss_mb, run
+from patchlab.jobs.build import build
+from patchlab.jobs.pipeline import peak_rss_mb, run
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = [
@@ -65,7 +66,8 @@ def stages(overrides: list[str]) -> None:
     """Each stage timed on its own, in the order a run does them."""
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("config", overrides=DEFAULTS + overrides)
-    datamodule, model, _, _ = build(cfg)
+    datamodule, module, _, _ = build(cfg)
+    detector, member = module.detector, module.detector.embedder.members[0]
     watch = Stopwatch()
     embeddings = {}
     for split, loader in (
@@ -78,21 +80,28 @@ def stages(overrides: list[str]) -> None:
         ) is not None:
             with torch.inference_mode():
                 images = batch["image"].contiguous(memory_format=torch.channels_last)
-                features = watch.time(f"{split}: backbone forward", model.backbone, images)
-                embedding = watch.time(f"{split}: patch aggregation", aggregate_patches, features)
+                features = watch.time(f"{split}: backbone forward", member.backbone, images)
+                embedding = watch.time(
+                    f"{split}: patch aggregation",
+                    aggregate_patches,
+                    features,
+                    member.patch_size,
+                    member.embedding_dim,
+                )
             batches.append((embedding, batch))
         embeddings[split] = batches
     train = torch.cat([flatten_patches(e).reshape(-1, e.shape[1]) for e, _ in embeddings["train"]])
-    index = watch.time(
-        "train: coreset selection", model.sampler.select, train, torch.Generator().manual_seed(0)
-    )
+    keep = detector.bank_size(len(train))
+    generator = torch.Generator().manual_seed(0)
+    index = watch.time("train: coreset selection", detector.sampler.select, train, keep, generator)
     bank = train[index]
     del train
-    watch.time("train: bank indexing", model.scorers[0].fit, bank)
+    scorer = NearestNeighbourScorer(cfg.model.num_neighbors, instantiate(cfg.search))
+    watch.time("train: bank indexing", scorer.fit, bank)
     scores, maps, labels, masks = [], [], [], []
     for embedding, batch in embeddings["test"]:
         patch_scores, image_scores = watch.time(
-            "test: scoring", model.scorers[0].score, flatten_patches(embedding)
+            "test: scoring", scorer.score, flatten_patches(embedding)
         )
         grid = patch_scores.reshape(len(embedding), *embedding.shape[-2:])
         maps.append(
@@ -164,8 +173,9 @@ def bottle_features(overrides: list[str]) -> torch.Tensor:
     """Bottle's training patches as the pipeline embeds them: (164k, D) at the seed recipe."""
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
         cfg = compose("config", overrides=DEFAULTS + overrides)
-    datamodule, model, _, _ = build(cfg)
-    parts = [flatten_patches(model.embed(b["image"])) for b in datamodule.train_dataloader()]
+    datamodule, module, _, _ = build(cfg)
+    embed = module.detector.embed
+    parts = [flatten_patches(embed(b["image"])[0]) for b in datamodule.train_dataloader()]
     return torch.cat([part.reshape(-1, part.shape[-1]) for part in parts])
 
 
@@ -185,15 +195,16 @@ def coreset_scaling(features: torch.Tensor, ratio: float, plain_up_to: int) -> N
     sizes = [50_000, 100_000, 200_000, 400_000, 650_000, 800_000, 1_600_000, 2_000_000]
     print(f"\ncoreset selection at {ratio:.0%} on jittered copies of bottle's patches:")
     pruned, plain = [], []
-    PrunedGreedyCoresetSampler(ratio, progress=False).select(features[:5000], torch.Generator())
+    pruned_sampler = PrunedGreedyCoresetSampler(progress=False)
+    pruned_sampler.select(features[:5000], 500, torch.Generator())  # compiled before timing
     for size in sizes:
-        data = tiled(features, size)
-        sampler = PrunedGreedyCoresetSampler(ratio, progress=False)
-        pruned.append(timed(sampler.select, data, torch.Generator().manual_seed(0)))
-        line = f"  N={size:9,d} keep {int(size * ratio):7,d}: pruned {pruned[-1]:7.1f} s"
+        data, keep = tiled(features, size), int(size * ratio)
+        generator = torch.Generator().manual_seed(0)
+        pruned.append(timed(pruned_sampler.select, data, keep, generator))
+        line = f"  N={size:9,d} keep {keep:7,d}: pruned {pruned[-1]:7.1f} s"
         if size <= plain_up_to:
-            sampler = GreedyCoresetSampler(ratio, progress=False)
-            plain.append(timed(sampler.select, data, torch.Generator().manual_seed(0)))
+            sampler = GreedyCoresetSampler(progress=False)
+            plain.append(timed(sampler.select, data, keep, torch.Generator().manual_seed(0)))
             line += f", plain loop {plain[-1]:7.1f} s"
         print(line, flush=True)
         del data
@@ -202,7 +213,7 @@ def coreset_scaling(features: torch.Tensor, ratio: float, plain_up_to: int) -> N
 
 
 def scoring_scaling(dim: int, queries: int) -> None:
-    """Scoring seconds against bank size N, exact and model.search=ivf."""
+    """Scoring seconds against bank size N, exact and search=ivf."""
     sizes = [50_000, 100_000, 200_000, 400_000, 800_000]
     exact, ivf = [], []
     print(f"\nscoring {queries} patches on synthetic banks, D={dim}: exact and ivf")

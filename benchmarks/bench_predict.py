@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from patchlab.artifacts.bank import BANK_FILE
 from patchlab.data.mvtec import read_image
 from patchlab.deploy.export import export
 from patchlab.deploy.loading import load_predictor
 from patchlab.deploy.predict import expand_inputs, predict_folder
-from patchlab.outputs import BANK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "mvtec_ad" / "bottle" / "test"

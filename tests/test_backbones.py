@@ -5,7 +5,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from patchlab.training.backbones import (
+from patchlab.core.backbones import (
     LIST_MODELS,
     PIP_WEIGHTS,
     create_feature_extractor,
@@ -46,7 +46,7 @@ def test_failed_hub_download_names_the_offline_ways(monkeypatch) -> None:
     def offline(name: str, pretrained: bool) -> None:
         raise OSError("Name or service not known")
 
-    monkeypatch.setattr("patchlab.training.backbones.timm.create_model", offline)
+    monkeypatch.setattr("patchlab.core.backbones.timm.create_model", offline)
     with pytest.raises(RuntimeError, match=r"efficientnet_b5 from the Hugging Face hub") as info:
         create_feature_extractor("efficientnet_b5", ["blocks.2"])
     assert "backbone=efficientnet_lite2 data.root=" in str(info.value)
@@ -100,7 +100,7 @@ def test_lite_weights_come_from_their_pip_package_with_strict_keys(
     package: str, channels: list[int], tmp_path, monkeypatch
 ) -> None:
     """The package's tensors, renamed, fill every key of timm's model (a strict load)."""
-    monkeypatch.setattr("patchlab.training.backbones.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("patchlab.core.backbones.CACHE_DIR", tmp_path)
     name = PIP_WEIGHTS[package]
     extractor = create_feature_extractor(name, ["blocks.2", "blocks.4"], weights=package)
     cached = load_file(tmp_path / f"{name}.safetensors")
@@ -112,7 +112,7 @@ def test_lite_weights_come_from_their_pip_package_with_strict_keys(
 
 
 def test_pip_weights_name_the_model_they_hold(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("patchlab.training.backbones.CACHE_DIR", tmp_path)
+    monkeypatch.setattr("patchlab.core.backbones.CACHE_DIR", tmp_path)
     with pytest.raises(
         ValueError, match="holds tf_efficientnet_lite0 weights, not 'tf_efficientnet_lite1'"
     ):

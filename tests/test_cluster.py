@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from helpers.configs import ROOT, compose_config, train_command
 from helpers.mlflow_server import artifact_paths, mlflow_server
 from helpers.synthetic import make_category
-from patchlab.outputs import BANK_FILE, METRICS_FILE, UNFINISHED_BANK_FILE, bank_digest
-from patchlab.tracking.runs import config_hash, run_params
+from patchlab.artifacts.bank import BANK_FILE, UNFINISHED_BANK_FILE, bank_digest
+from patchlab.artifacts.run_files import METRICS_FILE
+from patchlab.jobs.tracking import config_hash, run_params
 
 NAMES = ("gear", "hinge", "valve")
 # What may differ between two runs of one config: wall-clock time and memory.
@@ -28,7 +29,7 @@ MACHINE_METRICS = {"fit_seconds", "test_seconds", "peak_rss_mb"}
 
 
 def sweep(root: Path, out: Path, *args: str) -> Path:
-    """train.py -m over NAMES, as the README runs it; returns the sweep dir."""
+    """train.py -m over NAMES, as the docs run it; returns the sweep dir."""
     command = train_command(root, out, "-m", f"category.name={','.join(NAMES)}", *args)
     command += ["data.resize=32", "data.crop_size=32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
@@ -82,7 +83,7 @@ def submitit(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(parts: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """The README's team server (database store, proxied artifacts) and a 3-job parallel
+    """The documented team server (database store, proxied artifacts) and a 3-job parallel
     sweep against it; the server stays up for the module's checks."""
     out = tmp_path_factory.mktemp("served")
     backend = f"sqlite:///{out / 'server.db'}"
@@ -126,10 +127,12 @@ def test_parallel_writers_against_a_team_server_lose_nothing(
         files = {
             str(p.relative_to(out / "multirun" / name))
             for p in (out / "multirun" / name).rglob("*")
-            if p.is_file() and p.name != "train.log"  # still being written while it is logged
+            # train.log is still being written while it is logged; the bank is the model's
+            if p.is_file() and p.name not in ("train.log", BANK_FILE)
         }
         logged = artifact_paths(client, run.info.run_id)
         assert files <= logged and logged == artifact_paths(basic_store, local.info.run_id)
+        assert BANK_FILE not in logged  # uploaded once, inside the logged model
         inputs = {i.tags[0].value: i.dataset for i in run.inputs.dataset_inputs}
         assert set(inputs) == {"train", "test"} and '"num_rows": 4' in inputs["train"].profile
     experiment = client.get_experiment_by_name("patchcore")

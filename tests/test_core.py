@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from patchlab.core.coreset import GreedyCoresetSampler, random_projection
+from patchlab.core.detector import PatchCore
 from patchlab.core.patches import aggregate_patches, flatten_patches
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import ExactIndex, IVFIndex, nearest_neighbours
@@ -41,8 +42,8 @@ def brute_force_greedy(features: torch.Tensor, keep: int, first: int) -> list[in
 
 def test_coreset_matches_brute_force_greedy() -> None:
     features = torch.randn(400, 32, generator=torch.Generator().manual_seed(1))
-    sampler = GreedyCoresetSampler(0.1, projection_dim=16, progress=False)
-    selected = sampler.select(features, torch.Generator().manual_seed(7))
+    sampler = GreedyCoresetSampler(projection_dim=16, progress=False)
+    selected = sampler.select(features, 40, torch.Generator().manual_seed(7))
     generator = torch.Generator().manual_seed(7)
     projected = random_projection(features, 16, generator)
     first = int(torch.randint(400, (1,), generator=generator))
@@ -52,10 +53,10 @@ def test_coreset_matches_brute_force_greedy() -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_reduced_precision_selects_nearly_the_same_coreset(dtype: str) -> None:
     features = torch.randn(3000, 64, generator=torch.Generator().manual_seed(2)) * 3
-    exact = GreedyCoresetSampler(0.05, 32, progress=False)
-    approx = GreedyCoresetSampler(0.05, 32, coreset_dtype=dtype, progress=False)
-    a = exact.select(features, torch.Generator().manual_seed(0))
-    b = approx.select(features, torch.Generator().manual_seed(0))
+    exact = GreedyCoresetSampler(32, progress=False)
+    approx = GreedyCoresetSampler(32, coreset_dtype=dtype, progress=False)
+    a = exact.select(features, 150, torch.Generator().manual_seed(0))
+    b = approx.select(features, 150, torch.Generator().manual_seed(0))
     overlap = len(set(a.tolist()) & set(b.tolist())) / len(a)
 
     def radius(index: torch.Tensor) -> float:
@@ -69,19 +70,22 @@ def test_reduced_precision_selects_nearly_the_same_coreset(dtype: str) -> None:
 
 def test_coreset_is_seeded_and_bounded() -> None:
     features = torch.randn(500, 8)
-    sampler = GreedyCoresetSampler(0.02, progress=False)
-    first = sampler.select(features, torch.Generator().manual_seed(3))
-    again = sampler.select(features, torch.Generator().manual_seed(3))
+    sampler = GreedyCoresetSampler(progress=False)
+    first = sampler.select(features, 10, torch.Generator().manual_seed(3))
+    again = sampler.select(features, 10, torch.Generator().manual_seed(3))
     assert first.tolist() == again.tolist() and len(first) == 10 and len(set(first.tolist())) == 10
-    assert GreedyCoresetSampler(1.0).select(features, torch.Generator()).tolist() == list(
-        range(500)
-    )
+    assert sampler.select(features, 500, torch.Generator()).tolist() == list(range(500))
+
+
+def test_the_detector_keeps_its_coreset_ratio_of_the_patches() -> None:
+    detector = PatchCore(None, coreset_ratio=0.02)
+    assert [detector.bank_size(n) for n in (500, 10, 49)] == [10, 1, 1]
 
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
 def test_coreset_ratio_outside_unit_interval_is_rejected(ratio: float) -> None:
     with pytest.raises(ValueError, match="coreset_ratio must be in"):
-        GreedyCoresetSampler(ratio)
+        PatchCore(None, coreset_ratio=ratio)
 
 
 def test_nearest_neighbours_match_cdist_in_chunks() -> None:

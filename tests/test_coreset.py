@@ -1,16 +1,21 @@
 """The pruned greedy coreset against the plain loop and a float64 brute force."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
+from hydra.utils import get_object
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from omegaconf import OmegaConf
 
+from helpers.configs import ROOT
 from patchlab.core.coreset import (
-    SAMPLERS,
     GreedyCoresetSampler,
     PrunedGreedyCoresetSampler,
     random_projection,
+    stoppable,
 )
 from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
 
@@ -56,10 +61,11 @@ def clustered(count: int, dim: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize(("count", "ratio"), [(3_000, 0.1), (40_000, 0.05)])
 def test_pruned_selection_equals_the_plain_loop(count: int, ratio: float) -> None:
     features = clustered(count, 96, seed=count)
-    plain = GreedyCoresetSampler(ratio, projection_dim=64, progress=False)
-    pruned = PrunedGreedyCoresetSampler(ratio, projection_dim=64, progress=False)
-    a = plain.select(features, torch.Generator().manual_seed(0)).tolist()
-    b = pruned.select(features, torch.Generator().manual_seed(0)).tolist()
+    plain = GreedyCoresetSampler(projection_dim=64, progress=False)
+    pruned = PrunedGreedyCoresetSampler(projection_dim=64, progress=False)
+    keep = int(count * ratio)
+    a = plain.select(features, keep, torch.Generator().manual_seed(0)).tolist()
+    b = pruned.select(features, keep, torch.Generator().manual_seed(0)).tolist()
     if a == b:
         return
     # The plain loop rounds |x|^2 - 2 x.c + |c|^2, the pruned one sums differences: they may
@@ -79,6 +85,22 @@ def test_a_tight_arena_compacts_and_grows_without_changing_a_pick() -> None:
     assert pruned_greedy(points, 3, 2_000, mean, basis).tolist() == roomy.tolist()
 
 
+def test_a_stop_callback_abandons_a_compiled_selection_at_once() -> None:
+    """The compiled loop cannot look at Python state; `stop` is asked while it runs aside."""
+    points = clustered(100_000, 64, seed=3).numpy()
+    mean, basis = bound_basis(points)
+    pruned_greedy(points[:3000], 0, 10, mean, basis)  # compiled before the clock starts
+    start = time.perf_counter()
+
+    def stop() -> None:
+        if time.perf_counter() - start > 0.3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stoppable(pruned_greedy, stop, points, 0, 10_000, mean, basis)
+    assert time.perf_counter() - start < 1.5
+
+
 def test_a_bank_size_outside_one_to_n_is_refused() -> None:
     points = clustered(50, 8, seed=2).numpy()
     mean, basis = bound_basis(points)
@@ -88,12 +110,13 @@ def test_a_bank_size_outside_one_to_n_is_refused() -> None:
 
 
 def test_the_default_sampler_is_the_pruned_one_and_small_inputs_take_the_plain_loop() -> None:
-    assert SAMPLERS["greedy_coreset"] is PrunedGreedyCoresetSampler
+    default = OmegaConf.load(ROOT / "conf" / "sampler" / "greedy_coreset.yaml")
+    assert get_object(default._target_) is PrunedGreedyCoresetSampler
     features = clustered(500, 16, seed=1)
     generator = torch.Generator().manual_seed(0)
-    small = PrunedGreedyCoresetSampler(0.1, progress=False).select(features, generator)
-    again = GreedyCoresetSampler(0.1, progress=False).select(
-        features, torch.Generator().manual_seed(0)
+    small = PrunedGreedyCoresetSampler(progress=False).select(features, 50, generator)
+    again = GreedyCoresetSampler(progress=False).select(
+        features, 50, torch.Generator().manual_seed(0)
     )
     assert small.tolist() == again.tolist()
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from helpers.synthetic import make_category, make_folder_layout
-from patchlab.data.datamodule import FolderDataModule, MVTecDataModule
+from patchlab.training.datamodule import FolderDataModule, MVTecDataModule
 
 
 @pytest.fixture

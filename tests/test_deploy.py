@@ -20,13 +20,13 @@ from PIL import Image
 
 from helpers.configs import tracked
 from helpers.mlflow_server import model_server
+from patchlab.artifacts.bank import BANK_FILE, bank_config, read_banks, save_bank
+from patchlab.artifacts.run_files import load_outputs
 from patchlab.data.mvtec import read_image
 from patchlab.deploy.export import export
 from patchlab.deploy.loading import load_predictor
 from patchlab.deploy.predict import main as predict_main
 from patchlab.errors import UserError
-from patchlab.outputs import BANK_FILE, bank_config, load_outputs, read_bank, save_bank
-from patchlab.training.build import load_model
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
 
 MODEL = "synthetic_bottle"
@@ -154,7 +154,7 @@ def test_a_missing_input_is_a_clear_error(trained: TrainedRun, tmp_path: Path, c
 
 
 def crafted_bank(trained: TrainedRun, path: Path, **changes: object) -> Path:
-    bank, metadata = read_bank(trained.out / BANK_FILE)
+    (bank,), _, metadata = read_banks(trained.out / BANK_FILE)
     cfg = OmegaConf.merge(bank_config(trained.out / BANK_FILE, metadata), changes)
     save_bank([bank], cfg, path, json.loads(metadata["extra"]))
     return path
@@ -167,7 +167,10 @@ def test_a_crafted_target_is_refused_and_never_run(trained, tmp_path) -> None:
     with pytest.raises(UserError, match=r"backbone._target_ is 'os.system'"):
         load_predictor(path)
     with pytest.raises(UserError, match="refused to load"):
-        load_model(path)
+        export(path, "onnx", tmp_path / "export")
+    search = {"_target_": "os.system", "command": f"touch {marker}"}
+    with pytest.raises(UserError, match=r"search._target_ is 'os.system'"):
+        load_predictor(crafted_bank(trained, tmp_path / "search.safetensors", search=search))
     nested = {"weights": {"_target_": "os.system", "command": f"touch {marker}"}}
     with pytest.raises(UserError, match=r"backbone.weights._target_ is 'os.system'"):
         load_predictor(crafted_bank(trained, tmp_path / "nested.safetensors", backbone=nested))
@@ -175,7 +178,7 @@ def test_a_crafted_target_is_refused_and_never_run(trained, tmp_path) -> None:
 
 
 def test_a_bank_that_does_not_fit_its_backbone_is_refused(trained, tmp_path) -> None:
-    bank, metadata = read_bank(trained.out / BANK_FILE)
+    (bank,), _, metadata = read_banks(trained.out / BANK_FILE)
     cfg = bank_config(trained.out / BANK_FILE, metadata)
     save_bank([bank[:, :64]], cfg, tmp_path / BANK_FILE, json.loads(metadata["extra"]))
     with pytest.raises(UserError, match="has 64 features per patch, but backbone resnet18"):

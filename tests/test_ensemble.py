@@ -1,30 +1,35 @@
 """Backbone ensembles: normal statistics, combined maps and scores, banks per member."""
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from helpers.configs import ROOT, compose_config
+from patchlab.artifacts.bank import BANK_FILE, read_banks
+from patchlab.artifacts.run_files import OUTPUTS_FILE, load_outputs
+from patchlab.core.backbones import create_ensemble
 from patchlab.core.ensemble import combine_grids, normal_statistics, standardised
 from patchlab.core.search import ExactIndex
-from patchlab.deploy.loading import load_predictor
-from patchlab.errors import UserError
-from patchlab.outputs import BANK_FILE, read_banks
-from patchlab.training.backbones import BackboneEnsemble, create_ensemble
-from patchlab.training.build import build_model, load_model
-from patchlab.training.pipeline import run
+from patchlab.data.mvtec import read_image
+from patchlab.deploy.export import export
+from patchlab.deploy.loading import load_detector, load_predictor
+from patchlab.deploy.predict import main as predict_main
+from patchlab.jobs.build import build_detector
+from patchlab.jobs.pipeline import run
 
 
 def tiny_ensemble(cfg: DictConfig) -> DictConfig:
     """Two random-init ResNet-18 members on different grids (stride 4 and 8)."""
     cfg.backbone = OmegaConf.create(
         {
-            "_target_": "patchlab.training.backbones.create_ensemble",
+            "_target_": "patchlab.core.backbones.create_ensemble",
             "name": "tiny_ensemble",
             "layers": ["layer1", "layer2"],
             "members": [
@@ -81,33 +86,60 @@ def test_ensemble_presets_compose_into_members() -> None:
         b4_b5 = compose("config", overrides=overrides)
     assert [m.name for m in lite.backbone.members] == [f"tf_efficientnet_lite{i}" for i in range(3)]
     assert b4_b5.backbone.layers == ["blocks.2"] and len(b4_b5.backbone.members) == 2
-    model = build_model(tiny_ensemble(compose_config()))
-    assert isinstance(model.backbone, BackboneEnsemble) and model.feature_dims == [192, 384]
+    detector = build_detector(tiny_ensemble(compose_config()))
+    assert detector.embedder.feature_dims == [192, 384]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ensemble")
+    cfg = compose_config([f"data.root={synthetic_root}", f"tracking.root={out}/mlruns"])
+    run(tiny_ensemble(cfg), out / "run")
+    return out / "run"
 
 
 def test_ensemble_run_keeps_a_bank_per_member_and_reloads_to_the_same_scores(
-    cfg: DictConfig, tmp_path: Path
+    ensemble_run: Path,
 ) -> None:
-    metrics, model, datamodule = run(tiny_ensemble(cfg), tmp_path)
+    metrics = json.loads((ensemble_run / "metrics.json").read_text())
+    outputs = load_outputs(ensemble_run / OUTPUTS_FILE)
+    banks, statistics, metadata = read_banks(ensemble_run / BANK_FILE)
     assert metrics["image_auroc"] > 0.6 and 0 <= metrics["pixel_auroc"] <= 1
-    assert [bank.shape[1] for bank in model.banks] == [192, 384]
-    assert metrics["bank_size"] == sum(len(bank) for bank in model.banks)
-    assert len(model.statistics) == 2 and all(std > 0 for _, std in model.statistics)
-    assert model.outputs.maps.shape == (9, 64, 64)
-    assert model.outputs.patch_scores.shape[-2:] == (16, 16)  # the finer member's grid
-
-    banks, statistics, metadata = read_banks(tmp_path / BANK_FILE)
-    assert [torch.equal(a, b) for a, b in zip(banks, model.banks, strict=True)] == [True, True]
+    assert [bank.shape[1] for bank in banks] == [192, 384]
+    assert metrics["bank_size"] == sum(len(bank) for bank in banks)
+    assert len(statistics) == 2 and all(std > 0 for _, std in statistics)
     assert statistics == [tuple(s) for s in json.loads(metadata["statistics"])]
-    with safe_open(str(tmp_path / BANK_FILE), framework="pt") as file:
+    assert outputs.maps.shape == (9, 64, 64)
+    assert outputs.patch_scores.shape[-2:] == (16, 16)  # the finer member's grid
+    with safe_open(str(ensemble_run / BANK_FILE), framework="pt") as file:
         assert sorted(file.keys()) == ["memory_bank", "memory_bank.1"]
 
-    reloaded, _ = load_model(tmp_path / BANK_FILE)
-    images = next(iter(datamodule.test_dataloader()))["image"][:3]
-    scores, maps, _ = reloaded.predict(images)
-    torch.testing.assert_close(scores, model.outputs.image_scores[:3])
-    # A batch of 3, not 4: convolution rounding differs; standardised maps pass through 0.
-    torch.testing.assert_close(maps, model.outputs.maps[:3], atol=1e-4, rtol=1e-4)
+    detector, _, _ = load_detector(ensemble_run / BANK_FILE)
+    cfg = OmegaConf.load(ensemble_run / "config.yaml")
+    data = instantiate(cfg.data)
+    data.setup()
+    images = next(iter(data.test_dataloader()))["image"]  # the run's first test batch
+    scores, maps, _ = detector.predict(images)
+    assert torch.equal(scores, outputs.image_scores[: len(images)])
+    assert torch.equal(maps, outputs.maps[: len(images)])
 
-    with pytest.raises(UserError, match="holds an ensemble"):
-        load_predictor(tmp_path / BANK_FILE)
+
+def test_an_ensemble_predicts_and_exports_like_one_backbone(
+    ensemble_run: Path, tmp_path: Path
+) -> None:
+    """The same detector serves the test pass, predict and the exported graph."""
+    with (ensemble_run / "scores.csv").open() as file:
+        expected = {row["path"]: float(row["image_score"]) for row in csv.DictReader(file)}
+    test_dir = Path(next(iter(expected))).parents[1]
+    predict_main([str(ensemble_run), str(test_dir), "--out", str(tmp_path / "p")])
+    with (tmp_path / "p" / "predictions.csv").open() as file:
+        predicted = {row["path"]: float(row["image_score"]) for row in csv.DictReader(file)}
+    assert predicted == expected
+
+    export(ensemble_run / BANK_FILE, "onnx", tmp_path / "onnx")
+    images = [read_image(Path(path)) for path in expected]
+    reference = load_predictor(ensemble_run / BANK_FILE).predict(images)
+    exported = load_predictor(tmp_path / "onnx" / BANK_FILE, engine="onnx").predict(images)
+    # Standardised ensemble scores sit around 0, where a relative bound alone means nothing.
+    for ours, theirs in zip(reference, exported, strict=True):
+        assert theirs.score == pytest.approx(ours.score, rel=1e-4, abs=1e-4)

@@ -10,7 +10,7 @@ from hydra.errors import InstantiationException
 
 from helpers.configs import ROOT, compose_config, train_command
 from patchlab.errors import UserError, exit_on_user_error
-from patchlab.training.pipeline import run
+from patchlab.jobs.pipeline import run
 
 # MLflow logs these to stderr once, when a run creates its store; they are not the error.
 MLFLOW_STORE_LOG = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d INFO mlflow\.store")

@@ -6,7 +6,9 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import numba
 import pytest
 from hydra import compose, initialize_config_dir
@@ -14,14 +16,15 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
 from helpers.configs import ROOT
-from patchlab.core.coreset import beside_main_thread
+from patchlab.artifacts.bank import BANK_FILE, UNFINISHED_BANK_FILE
+from patchlab.artifacts.run_files import METRICS_FILE, written_atomically
+from patchlab.core.coreset import stoppable
 from patchlab.errors import UserError
-from patchlab.outputs import BANK_FILE, METRICS_FILE, UNFINISHED_BANK_FILE, written_atomically
+from patchlab.jobs import pipeline, stages
+from patchlab.jobs.resume import finished_run
+from patchlab.jobs.sweep import record_killed
+from patchlab.jobs.tracking import tracked_run
 from patchlab.reporting.summary import collect, compare, to_markdown
-from patchlab.tracking.resume import finished_run
-from patchlab.tracking.runs import tracked_run
-from patchlab.tracking.sweep import record_killed
-from patchlab.training import pipeline, stages
 
 
 @pytest.fixture
@@ -123,7 +126,7 @@ def test_a_signal_during_compiled_coreset_selection_raises_at_once(stop_signals)
     threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
     start = time.perf_counter()
     with pytest.raises(stages.Interrupted), stages.interruptible():
-        beside_main_thread(spin, steps)
+        stoppable(spin, stages.check, steps)
     assert time.perf_counter() - start < 2.0
 
 
@@ -160,13 +163,19 @@ def test_a_run_stopped_after_fitting_leaves_nothing_that_looks_finished(
 def test_a_stop_during_the_model_upload_lets_the_finished_run_finish(
     cfg: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stop_signals
 ) -> None:
-    monkeypatch.setattr(pipeline, "log_model", lambda *args: os.kill(os.getpid(), signal.SIGTERM))
-    with open_dict(cfg):
-        cfg.tracking.enabled = False
-    with stages.interruptible():
-        pipeline.run(cfg, tmp_path)
-    assert (tmp_path / METRICS_FILE).is_file() and (tmp_path / BANK_FILE).is_file()
+    def upload(**kwargs: object) -> SimpleNamespace:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return SimpleNamespace(model_uri="models:/m-0")
+
+    monkeypatch.setattr(mlflow.pyfunc, "log_model", upload)
+    out = tmp_path / "out"
+    with tracked_run(cfg, out) as run_log, stages.interruptible():
+        pipeline.run(cfg, out, run_log)
+    assert (out / METRICS_FILE).is_file() and (out / BANK_FILE).is_file()
     assert stages.received() == signal.SIGTERM  # and the sweep starts no further job
+    client = MlflowClient(f"sqlite:///{Path(cfg.tracking.root) / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("patchcore").experiment_id])
+    assert run.info.status == "FINISHED"
 
 
 def test_a_write_cut_short_leaves_no_file_under_the_real_name(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from helpers.configs import ROOT, tracked
 from patchlab.core.metrics import rank
-from patchlab.reporting.render import render_run
+from patchlab.reporting.render import load_run, render_run
 from patchlab.reporting.report import build_report
 from patchlab.reporting.run_figures import CURVE_POINTS, _curve
 from patchlab.reporting.summary import TABLE_METRICS
@@ -83,7 +83,7 @@ def test_rendering_is_headless_and_deterministic(tracked_run_dir: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     after = {p: p.read_bytes() for p in before}
     assert after == before
-    render_run(run_dir)
+    render_run(run_dir, *load_run(run_dir))
     assert {p: p.read_bytes() for p in before} == before
 
 

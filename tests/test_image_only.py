@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from safetensors.torch import save_file
 
 from helpers.configs import compose_config, tracked
 from helpers.synthetic import make_category, make_folder_layout
+from patchlab.artifacts.bank import BANK_FILE, read_banks
+from patchlab.artifacts.run_files import TestOutputs, load_outputs, save_outputs
 from patchlab.deploy.predict import main as predict_main
-from patchlab.outputs import BANK_FILE, TestOutputs, load_outputs, read_bank, save_outputs
-from patchlab.reporting.render import render_run
-from patchlab.training.pipeline import run
+from patchlab.jobs.pipeline import run
+from patchlab.reporting.render import load_run, render_run
 
 PIXEL_KEYS = {"pixel_auroc", "pixel_f1_max", "pixel_f1_max_threshold", "aupro"}
 TUNED_PIXEL_KEYS = {
@@ -81,7 +81,7 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
     assert not TUNED_PIXEL_KEYS & mlflow_metrics(store)
     tuning = json.loads((out / "tuning.json").read_text())
     assert set(tuning) == {"image_threshold", "metrics"}
-    assert json.loads(read_bank(out / BANK_FILE)[1]["extra"]) == {
+    assert json.loads(read_banks(out / BANK_FILE)[2]["extra"]) == {
         "image_threshold": tuning["image_threshold"],
         "thresholds_from": "validation (threshold=optuna)",
     }
@@ -95,7 +95,7 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
     assert not (tmp_path / "p" / "masks").exists() and (tmp_path / "p" / "maps").is_dir()
     for path in (out / "heatmaps").iterdir():
         os.remove(path)
-    render_run(out)
+    render_run(out, *load_run(out))
     assert len(list((out / "heatmaps").glob("*.png"))) == 8
 
 
@@ -168,7 +168,7 @@ def test_image_only_with_synthetic_validation_still_tunes_masks(
     assert "post_processing" in json.loads((tmp_path / "out" / "tuning.json").read_text())
 
 
-def test_mask_known_round_trips_and_old_outputs_load_as_labelled(tmp_path: Path) -> None:
+def test_mask_known_round_trips(tmp_path: Path) -> None:
     columns = {
         "image_scores": torch.rand(3),
         "labels": torch.tensor([0, 1, 1]),
@@ -176,8 +176,6 @@ def test_mask_known_round_trips_and_old_outputs_load_as_labelled(tmp_path: Path)
         "masks": torch.zeros(3, 8, 8, dtype=torch.uint8),
         "patch_scores": torch.rand(3, 2, 2),
     }
-    save_file(columns, str(tmp_path / "old.safetensors"))
-    assert load_outputs(tmp_path / "old.safetensors").pixel_labelled
     known = torch.tensor([True, False, False])
     save_outputs(TestOutputs(**columns, mask_known=known), tmp_path / "new.safetensors")
     loaded = load_outputs(tmp_path / "new.safetensors")

@@ -6,6 +6,7 @@ import torch
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from patchlab.core.metrics import aupro, auroc, evaluate, f1_max
+from patchlab.core.ranking import rank, rank_parts
 
 
 def test_auroc_matches_sklearn_on_raw_distances() -> None:
@@ -44,6 +45,43 @@ def test_single_class_gives_nan_with_a_warning() -> None:
     scores, labels = torch.rand(10), torch.zeros(10, dtype=torch.long)
     maps, masks = torch.rand(10, 8, 8), torch.zeros(10, 8, 8, dtype=torch.uint8)
     with pytest.warns(UserWarning, match="only one class"):
-        metrics = evaluate(scores, labels, maps, masks)
+        metrics = evaluate(scores, labels, maps, masks).metrics
     assert np.isnan(metrics["image_auroc"]) and np.isnan(metrics["pixel_auroc"])
     assert np.isnan(metrics["aupro"])
+
+
+def test_one_sort_gives_every_parts_counts_as_its_own_sort() -> None:
+    """The validation and held-out parts read their counts off the whole set's sort."""
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(12, 6, 6, generator=generator).round(decimals=2)  # many ties
+    masks = (torch.rand(12, 6, 6, generator=generator) < 0.2).to(torch.uint8)
+    parts = {"val": torch.tensor([0, 3, 4, 7, 8]), "held_out": torch.tensor([1, 2, 5, 6, 9])}
+    ranked = rank_parts(maps, masks, parts)
+    for name, index in parts.items():
+        alone = rank(maps[index], masks[index])
+        for field in ("thresholds", "true_pos", "false_pos"):
+            assert torch.equal(getattr(ranked[name], field), getattr(alone, field)), field
+    evaluation = evaluate(maps.amax((1, 2)), masks.amax((1, 2)), maps, masks, parts)
+    alone = evaluate(
+        maps.amax((1, 2))[parts["val"]],
+        masks.amax((1, 2))[parts["val"]],
+        maps[parts["val"]],
+        masks[parts["val"]],
+    ).metrics
+    assert evaluation.metrics["val_pixel_auroc"] == alone["pixel_auroc"]
+    assert evaluation.metrics["val_aupro"] == alone["aupro"]
+
+
+def test_aupro_thresholds_from_the_ranking_equal_the_sorted_normal_scores() -> None:
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.rand(6, 16, 16, generator=generator).round(decimals=3)
+    masks = torch.zeros(6, 16, 16, dtype=torch.uint8)
+    masks[:3, 4:9, 4:9] = 1
+    normal = maps[masks == 0].sort().values
+    fpr = torch.linspace(0, 0.3, 301, dtype=torch.float64)
+    expected = normal[normal.numel() - 1 - (fpr * normal.numel()).round().long()]
+    counts = rank(maps, masks)
+    kth = (fpr * counts.negatives).round().long() + 1
+    assert torch.equal(
+        counts.thresholds[torch.searchsorted(counts.false_pos.long(), kth)], expected
+    )

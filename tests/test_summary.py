@@ -9,6 +9,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers.configs import tracked
+from patchlab.artifacts.store import ui_url
+from patchlab.jobs.tracking import describe, first_error
 from patchlab.reporting.report import build_report
 from patchlab.reporting.summary import (
     bar_chart,
@@ -18,7 +20,6 @@ from patchlab.reporting.summary import (
     selection_markdown,
     to_markdown,
 )
-from patchlab.tracking.runs import describe, first_error, ui_url
 
 NAN = math.nan
 

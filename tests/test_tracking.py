@@ -10,7 +10,6 @@ from pathlib import Path
 import mlflow
 import pytest
 import pytorch_lightning as pl
-import torch
 from hydra.utils import instantiate
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
@@ -18,11 +17,11 @@ from omegaconf import OmegaConf
 from helpers.configs import ROOT, compose_config, tracked, train_command
 from helpers.mlflow_server import artifact_paths, mlflow_server
 from helpers.synthetic import MVTEC_CATEGORIES, make_category
+from patchlab.artifacts.bank import BANK_FILE
+from patchlab.artifacts.store import tracking_uri
 from patchlab.core.metrics import evaluate
-from patchlab.outputs import BANK_FILE, read_bank, save_bank
-from patchlab.tracking.runs import tracking_uri
-from patchlab.training.build import load_model
-from patchlab.training.lightning_module import expected_warnings_silenced
+from patchlab.deploy.loading import fetch_source, load_detector
+from patchlab.training.lightning_module import PatchCoreModule, expected_warnings_silenced
 
 
 def only_run(uri: str) -> mlflow.entities.Run:
@@ -41,7 +40,7 @@ def check_run(uri: str, metrics: dict[str, float]) -> mlflow.entities.Run:
     assert found.data.metrics["image_auroc"] == pytest.approx(metrics["image_auroc"])
     assert {"peak_rss_mb", "aupro", "bank_size", "fit_seconds"} <= set(found.data.metrics)
     paths = artifact_paths(MlflowClient(uri), found.info.run_id)
-    assert {BANK_FILE, "scores.csv", "metrics.json", "config.yaml"} <= paths
+    assert {"scores.csv", "metrics.json", "config.yaml"} <= paths
     assert any(p.startswith("heatmaps/") and p.endswith(".png") for p in paths)
     return found
 
@@ -73,30 +72,28 @@ def test_tracking_none_logs_nothing(synthetic_root, tmp_path) -> None:
     assert not (tmp_path / "m").exists() and (tmp_path / "o" / "metrics.json").is_file()
 
 
-def test_reloaded_bank_reproduces_the_test_metrics(synthetic_root, tmp_path) -> None:
+def test_the_logged_model_holds_the_only_copy_of_the_bank_and_reproduces_the_run(
+    synthetic_root, tmp_path
+) -> None:
     store = tmp_path / "mlruns"
     overrides = [f"data.root={synthetic_root}", f"tracking.root={store}"]
     metrics = tracked(overrides, tmp_path / "o")
     uri = f"sqlite:///{store / 'mlflow.db'}"
-    local = MlflowClient(uri).download_artifacts(
-        only_run(uri).info.run_id, BANK_FILE, str(tmp_path)
-    )
-    model, cfg = load_model(Path(local))
-    assert read_bank(Path(local))[1]["backbone"] == "resnet18"
-    # Banks logged before the package was grouped by concern name the old classes.
-    old = OmegaConf.merge(cfg, {"model": {"_target_": "patchlab.lightning_module.PatchCore"}})
-    old.backbone._target_ = "patchlab.backbones.create_feature_extractor"
-    save_bank(model.banks, old, tmp_path / "old.safetensors")
-    reloaded, _ = load_model(tmp_path / "old.safetensors")
-    assert torch.equal(reloaded.banks[0], model.banks[0])
+    run_id = only_run(uri).info.run_id
+    assert BANK_FILE not in artifact_paths(MlflowClient(uri), run_id)  # uploaded once
+    local = fetch_source(run_id, uri, tmp_path / "fetched")
+    assert local.parts[-2:] == ("artifacts", BANK_FILE)  # inside the logged model
+    detector, cfg, metadata = load_detector(local)
+    assert metadata["backbone"] == "resnet18"
     data = instantiate(cfg.data)
     data.setup()
+    module = PatchCoreModule(detector)
     with expected_warnings_silenced():
         trainer = pl.Trainer(logger=False, enable_progress_bar=False)
-        trainer.test(model, datamodule=data, verbose=False)
-    out = model.outputs
-    again = evaluate(out.image_scores, out.labels, out.maps, out.masks)
-    assert {k: again[k] for k in again} == {k: metrics[k] for k in again}
+        trainer.test(module, datamodule=data, verbose=False)
+    out = module.outputs
+    again = evaluate(out.image_scores, out.labels, out.maps, out.masks).metrics
+    assert again == {k: metrics[k] for k in again}
 
 
 def test_retune_cli_tunes_a_threshold_none_run(synthetic_root, tmp_path) -> None:

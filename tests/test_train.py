@@ -5,7 +5,6 @@ import dataclasses
 import json
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,17 +14,20 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from helpers.configs import ROOT, compose_config, train_command
+from helpers.configs import ROOT, compose_config
 from helpers.synthetic import make_category
-from patchlab.core.coreset import SAMPLERS, CoresetSampler
+from patchlab.artifacts.bank import ALLOWED_TARGETS, BUILT_GROUPS, bank_digest
+from patchlab.artifacts.run_files import OUTPUTS_FILE, load_outputs
+from patchlab.artifacts.store import DEFAULT_ROOT
+from patchlab.core.backbones import BackboneEnsemble
+from patchlab.core.coreset import CoresetSampler, Stop
+from patchlab.core.detector import PatchCore
 from patchlab.core.features import FeatureExtractor
-from patchlab.core.search import SEARCH_INDEXES, SearchIndex, nearest_neighbours
-from patchlab.data.datamodule import AnomalyDataModule
-from patchlab.outputs import bank_digest
-from patchlab.tracking.runs import DEFAULT_ROOT
-from patchlab.training.backbones import BackboneEnsemble
-from patchlab.training.lightning_module import PatchCore
-from patchlab.training.pipeline import run
+from patchlab.core.search import SearchIndex, nearest_neighbours
+from patchlab.errors import UserError
+from patchlab.jobs.build import check_settings
+from patchlab.jobs.pipeline import run
+from patchlab.training.datamodule import AnomalyDataModule
 from patchlab.tuning.study import ThresholdTuning
 
 METRIC_KEYS = {
@@ -41,31 +43,35 @@ METRIC_KEYS = {
 
 
 def test_run_writes_metrics_json(cfg: DictConfig, tmp_path: Path) -> None:
-    metrics, model, _ = run(cfg, tmp_path)
+    metrics, detector, _ = run(cfg, tmp_path)
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert set(written) >= METRIC_KEYS and written == pytest.approx(metrics, nan_ok=True)
     assert 0 <= metrics["pixel_auroc"] <= 1 and metrics["image_auroc"] > 0.6
-    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25) == model.banks[0].shape[0]
-    assert model.outputs.maps.shape == (9, 64, 64)
+    assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25) == detector.banks[0].shape[0]
+    assert load_outputs(tmp_path / OUTPUTS_FILE).maps.shape == (9, 64, 64)
 
 
 def test_ivf_search_visiting_every_cell_reproduces_exact(synthetic_root, tmp_path) -> None:
     root = f"data.root={synthetic_root}"
     exact, _, _ = run(compose_config([root]), tmp_path / "exact")
-    ivf = compose_config([root, "model.search=ivf", "model.ivf_probes=64"])
-    approximate, model, _ = run(ivf, tmp_path / "ivf")
-    assert model.scorers[0].index.faiss_index.nprobe == model.scorers[0].index.faiss_index.nlist > 1
+    ivf = compose_config([root, "search=ivf", "search.ivf_probes=64"])
+    approximate, detector, _ = run(ivf, tmp_path / "ivf")
+    index = detector.scorers[0].index.faiss_index
+    assert index.nprobe == index.nlist > 1
     for key in ("image_auroc", "pixel_auroc", "pixel_f1_max", "aupro"):
         assert approximate[key] == pytest.approx(exact[key], abs=1e-4), key
 
 
 class EveryNthRow(CoresetSampler):
-    """A toy sampler: one class plus one registry line is all a new sampler needs."""
+    """A toy sampler: a class and a config node naming it are all a new sampler needs."""
 
-    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return torch.arange(0, len(features), len(features) // self.bank_size(len(features)))[
-            : self.bank_size(len(features))
-        ]
+    def __init__(self, offset: int = 0) -> None:
+        self.offset = offset
+
+    def choose(
+        self, features: torch.Tensor, keep: int, generator: torch.Generator, stop: Stop | None
+    ) -> torch.Tensor:
+        return torch.arange(self.offset, len(features), len(features) // keep)[:keep]
 
 
 class TorchIndex(SearchIndex):
@@ -78,18 +84,27 @@ class TorchIndex(SearchIndex):
         return nearest_neighbours(queries, self.bank, k)
 
 
-def test_a_registered_sampler_and_index_run_the_pipeline(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def with_plugins(cfg: DictConfig, sampler: bool, index: bool) -> DictConfig:
+    """The config a user's own conf/sampler/ and conf/search/ files would compose."""
+    if sampler:
+        cfg.sampler = OmegaConf.create({"_target_": f"{__name__}.EveryNthRow", "offset": 1})
+    if index:
+        cfg.search = OmegaConf.create({"_target_": f"{__name__}.TorchIndex"})
+    check_settings(cfg)
+    return cfg
+
+
+def test_a_new_sampler_and_index_are_a_class_and_a_config_node(
+    synthetic_root: Path, tmp_path: Path
 ) -> None:
-    monkeypatch.setitem(SAMPLERS, "every_nth_row", EveryNthRow)
-    monkeypatch.setitem(SEARCH_INDEXES, "torch", TorchIndex)
     root = f"data.root={synthetic_root}"
-    toy = compose_config([root, "model.sampler=every_nth_row", "model.search=torch"])
-    metrics, model, _ = run(toy, tmp_path / "toy")
-    assert isinstance(model.sampler, EveryNthRow) and isinstance(model.scorers[0].index, TorchIndex)
+    toy = with_plugins(compose_config([root]), sampler=True, index=True)
+    metrics, detector, _ = run(toy, tmp_path / "toy")
+    assert isinstance(detector.sampler, EveryNthRow) and detector.sampler.offset == 1
+    assert isinstance(detector.scorers[0].index, TorchIndex)
     assert metrics["bank_size"] == int(8 * 8 * 8 * 0.25)
     # The same bank through faiss's exact index scores the same: only the plug-ins changed.
-    exact = compose_config([root, "model.sampler=every_nth_row"])
+    exact = with_plugins(compose_config([root]), sampler=True, index=False)
     reference, _, _ = run(exact, tmp_path / "exact")
     for key in ("image_auroc", "pixel_auroc", "aupro"):
         assert metrics[key] == pytest.approx(reference[key], abs=1e-6), key
@@ -107,13 +122,9 @@ def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> No
         ("model.coreset_ratio=0", "^model.coreset_ratio must be in"),
         ("model.coreset_ratio=1.5", "^model.coreset_ratio must be in"),
         ("model.num_neighbors=500", "^model.num_neighbors=500 is larger than the memory bank"),
-        ("model.search=ivf model.ivf_lists=100000", "^model.ivf_lists=100000 is larger than"),
-        ("model.search=fast", "^model.search must be one of \\['exact', 'ivf'\\], got 'fast'"),
-        (
-            "model.sampler=fast",
-            "^model.sampler must be one of \\['greedy_coreset', 'greedy_coreset_plain'\\], got",
-        ),
-        ("model.search=ivf model.ivf_probes=0", "^model.ivf_probes must be >= 1"),
+        ("search=ivf search.ivf_lists=100000", "^search.ivf_lists=100000 is larger than"),
+        ("search=ivf search.ivf_probes=0", "^search.ivf_probes must be >= 1"),
+        ("sampler.coreset_dtype=int8", "^sampler.coreset_dtype must be one of"),
         ("model.feature_dtype=int8", "^model.feature_dtype must be one of"),
         ("backbone.layers=[layer9]", "Unknown feature layer"),
         ("backbone.name=not_a_model", "Unknown backbone.name"),
@@ -137,10 +148,43 @@ def test_good_only_test_set_reports_nan_auroc(tmp_path: Path) -> None:
     assert math.isnan(metrics["image_auroc"]) and math.isnan(metrics["pixel_auroc"])
 
 
+def test_a_setting_the_chosen_class_does_not_take_fails_naming_the_key(synthetic_root) -> None:
+    root = f"data.root={synthetic_root}"
+    with pytest.raises(Exception, match=r"search\.ivf_probes"):  # Hydra: not in exact.yaml
+        compose_config([root, "search.ivf_probes=4"])
+    forced = compose_config([root, "+search.ivf_probes=4"])
+    with pytest.raises(UserError, match=r"^search\.ivf_probes is not a setting of .*ExactIndex"):
+        check_settings(forced)
+    with pytest.raises(UserError, match="it is a setting of search=ivf"):
+        check_settings(forced)
+    with pytest.raises(UserError, match=r"^model\.backbone is not a setting"):
+        check_settings(compose_config([root, "+model.backbone=x"]))  # passed by the build
+    check_settings(compose_config([root, "search=ivf", "search.ivf_probes=4"]))
+
+
+def test_an_unknown_option_fails_at_composition_naming_its_group(synthetic_root) -> None:
+    with pytest.raises(Exception, match="search"):
+        compose_config([f"data.root={synthetic_root}", "search=fast"])
+
+
+def test_banks_may_build_exactly_the_classes_the_configs_name() -> None:
+    named = set()
+    for group in BUILT_GROUPS:
+        for path in (ROOT / "conf" / group).glob("*.yaml"):
+            named |= {
+                line.split(":", 1)[1].strip()
+                for line in path.read_text().splitlines()
+                if line.strip().startswith("_target_:")
+            }
+    assert named == ALLOWED_TARGETS
+
+
 # What each config group's files build; a group missing here fails the test below.
 BUILDS = {
     "backbone": (FeatureExtractor, BackboneEnsemble),
     "model": PatchCore,
+    "sampler": CoresetSampler,
+    "search": SearchIndex,
     "data": AnomalyDataModule,
     "trainer": pl.Trainer,
     "threshold": (ThresholdTuning, type(None)),
@@ -166,22 +210,17 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
             config = compose("config", overrides=[f"+preset={option}"])
         assert config.threshold is not None  # presets are chosen on validation data, tuned
         return
-    if group == "tracking":  # settings, not an object: the keys tracking/runs.py reads
-        written = OmegaConf.load(path)
-        assert set(written) == {
-            "enabled",
-            "root",
-            "uri",
-            "experiment",
-            "register_model",
-            "model_alias",
-        }
-        assert written.root == DEFAULT_ROOT
+    if group == "tracking":  # settings, not an object: one node, switched by `enabled`
+        tracking = compose_config([f"tracking={option}"]).tracking
+        keys = {"enabled", "root", "uri", "experiment", "register_model", "model_alias"}
+        assert set(tracking) == keys and tracking.enabled == (option != "none")
+        assert OmegaConf.load(ROOT / "conf" / "tracking" / "mlflow.yaml").root == DEFAULT_ROOT
         return
     assert group in BUILDS, f"conf/{group}/ has no expected type in BUILDS"
     if group == "backbone":  # built without weights; TEST_OVERRIDES name a backbone of their own
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
             config = compose("config", overrides=[f"backbone={option}"])
+        check_settings(config)
         OmegaConf.set_struct(config, False)
         if OmegaConf.is_missing(config.backbone, "members"):  # `ensemble`: the user names them
             config.backbone.members = [{"name": "resnet18", "layers": ["layer2"]}] * 2
@@ -190,10 +229,14 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
         assert isinstance(instantiate(config.backbone), BUILDS[group])
         return
     config = compose_config([f"data.root={synthetic_root}", f"{group}={option}"])
+    check_settings(config)  # every key is an argument of the file's class
     if group == "model":
-        built = instantiate(config.model, backbone=instantiate(config.backbone))
-        assert isinstance(built.sampler, CoresetSampler)
-        assert isinstance(built.scorers[0].index, SearchIndex)
+        built = instantiate(
+            config.model,
+            backbone=instantiate(config.backbone),
+            sampler=instantiate(config.sampler),
+            search=instantiate(config.search, _partial_=True),
+        )
     else:
         built = instantiate(config[group]) if config[group] is not None else None
     assert isinstance(built, BUILDS[group]), type(built)
@@ -207,16 +250,6 @@ def test_threshold_optuna_yaml_states_the_tuning_defaults() -> None:
     for key, value in defaults.items():
         if key not in ("seed", "storage"):  # interpolated from the run's seed and store
             assert OmegaConf.to_container(written)[key] == value, key
-
-
-@pytest.mark.slow
-def test_train_py_returns_and_writes(synthetic_root: Path, tmp_path: Path) -> None:
-    result = subprocess.run(
-        train_command(synthetic_root, tmp_path), capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "bottle: image_auroc=" in result.stderr + result.stdout
-    assert set(json.loads((tmp_path / "run" / "metrics.json").read_text())) >= METRIC_KEYS
 
 
 def test_loader_workers_change_no_bit_of_the_bank_or_metrics(cfg: DictConfig, tmp_path) -> None:

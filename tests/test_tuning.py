@@ -13,11 +13,13 @@ from mlflow.tracking import MlflowClient
 
 from helpers.configs import ROOT, compose_config, train_command
 from helpers.synthetic import make_category
-from patchlab.outputs import BANK_FILE, TestOutputs, read_bank
-from patchlab.training.pipeline import run
+from patchlab.artifacts.bank import BANK_FILE, read_banks
+from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.metrics import evaluate
+from patchlab.jobs.pipeline import run
 from patchlab.tuning.postprocess import PostProcessing, binarize
 from patchlab.tuning.split import stratified_split
-from patchlab.tuning.study import SEARCH_SPACE, ThresholdTuning
+from patchlab.tuning.study import SEARCH_SPACE, ThresholdTuning, Tuning
 from patchlab.tuning.synthetic import cut_paste
 
 TYPES = ["good"] * 10 + ["crack"] * 6 + ["hole"] * 5 + ["scratch"] * 2
@@ -62,6 +64,7 @@ def synthetic_outputs(speckle: bool, seed: int = 0) -> TestOutputs:
         scores,
         masks,
         scores.clone(),
+        torch.ones(count, dtype=torch.bool),
     )
 
 
@@ -75,9 +78,16 @@ def tuning_config(storage: str, **space: dict) -> ThresholdTuning:
     return ThresholdTuning(n_trials=40, storage=storage, search_space=bounds)
 
 
+def tune(config: ThresholdTuning, outputs: TestOutputs, name: str) -> Tuning:
+    """What a run does: split, evaluate every part from one sort, tune on the validation part."""
+    parts = config.split(TYPES)
+    evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, outputs.masks, parts)
+    return config.run(outputs, evaluation, parts, 0.0, name)
+
+
 def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=False)
-    tuning = tuning_config(f"sqlite:///{tmp_path}/optuna.db").run(outputs, TYPES, 0.0, "known")
+    tuning = tune(tuning_config(f"sqlite:///{tmp_path}/optuna.db"), outputs, "known")
     post = tuning.post
     raw = post.low + post.threshold * (post.high - post.low)
     # Any threshold in the gap separates perfectly; the validation optimum sits at its top.
@@ -90,7 +100,7 @@ def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:
 def test_opening_is_chosen_to_remove_speckle(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=True)
     config = tuning_config(f"sqlite:///{tmp_path}/optuna.db", open_radius={"low": 0, "high": 3})
-    tuning = config.run(outputs, TYPES, 0.0, "speckle")
+    tuning = tune(config, outputs, "speckle")
     assert tuning.post.open_radius > 0
     assert (
         tuning.metrics["val_pixel_f1_tuned"] > tuning.metrics["val_pixel_f1_threshold_only"] + 0.05
@@ -99,7 +109,7 @@ def test_opening_is_chosen_to_remove_speckle(tmp_path: Path) -> None:
 
 def test_study_reloads_from_sqlite(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path}/optuna.db"
-    tuning = tuning_config(storage).run(synthetic_outputs(False), TYPES, 0.0, "reload")
+    tuning = tune(tuning_config(storage), synthetic_outputs(False), "reload")
     loaded = optuna.load_study(study_name="reload", storage=storage)
     assert len(loaded.trials) == 40 and loaded.best_value == tuning.study.best_value
     assert loaded.best_params == tuning.study.best_params
@@ -108,13 +118,14 @@ def test_study_reloads_from_sqlite(tmp_path: Path) -> None:
 def test_tuning_never_reads_the_held_out_part(tmp_path: Path) -> None:
     outputs = synthetic_outputs(speckle=True)
     config = tuning_config(None, open_radius={"low": 0, "high": 3})
-    first = config.run(outputs, TYPES, 0.0, "a")
+    first = tune(config, outputs, "a")
     _, held_out = stratified_split(TYPES, 0.5, seed=0)
     poisoned = synthetic_outputs(speckle=True)
     poisoned.patch_scores[held_out] = torch.rand(len(held_out), 32, 32) * 100
+    poisoned.maps[held_out] = torch.rand(len(held_out), 32, 32) * 100
     poisoned.masks[held_out] = 1 - poisoned.masks[held_out]
     poisoned.image_scores[held_out] = -poisoned.image_scores[held_out]
-    second = config.run(poisoned, TYPES, 0.0, "b")
+    second = tune(config, poisoned, "b")
     assert first.post == second.post and first.image_threshold == second.image_threshold
     assert first.metrics["pixel_f1"] != second.metrics["pixel_f1"]
 
@@ -143,7 +154,7 @@ def test_threshold_optuna_in_a_run(synthetic_root: Path, tmp_path: Path) -> None
     for key in ("pixel_f1", "pixel_precision", "pixel_recall", "image_f1", "val_pixel_f1_tuned"):
         assert key in written and 0 <= written[key] <= 1
     assert written["val_pixel_f1_tuned"] >= written["val_pixel_f1_threshold_only"] - 1e-6
-    travelling = json.loads(read_bank(tmp_path / "out" / BANK_FILE)[1]["extra"])
+    travelling = json.loads(read_banks(tmp_path / "out" / BANK_FILE)[2]["extra"])
     assert set(travelling["post_processing"]) >= {"sigma", "threshold", "open_radius", "min_area"}
     assert (tmp_path / "out" / "tuning" / "optuna_history.png").stat().st_size > 5000
     assert (tmp_path / "mlruns" / "optuna.db").is_file()
@@ -171,17 +182,17 @@ def test_synthetic_validation_needs_no_labelled_defects(
             f"tracking.root={tmp_path}/mlruns",
         ]
     )
-    metrics, model, datamodule = run(cfg, tmp_path / "out")
+    metrics, detector, datamodule = run(cfg, tmp_path / "out")
     assert len(datamodule.holdout_samples) == 3 and len(datamodule.train_samples) == 5
     assert set(datamodule.holdout_samples).isdisjoint(datamodule.train_samples)
-    assert model.banks[0].shape[0] == int(5 * 8 * 8 * 0.25)
+    assert detector.banks[0].shape[0] == int(5 * 8 * 8 * 0.25)
     assert metrics["val_images"] == 6 and metrics["held_out_images"] == 9
     assert 0 <= metrics["pixel_f1"] <= 1
 
 
 @pytest.mark.slow
 def test_model_selection_sweep_picks_by_validation_and_reports_held_out(tmp_path) -> None:
-    """sweeps/model_selection.yaml as the README runs it, its grid swapped for a small one."""
+    """sweeps/model_selection.yaml as the docs run it, its grid swapped for a small one."""
     root = tmp_path / "parts"
     make_category(root, "gear", size=64, train=8, good=4, defects=4, seed=0)
     flags = ["-m", "--config-dir", "sweeps", "--config-name", "model_selection"]

@@ -1,5 +1,7 @@
-"""Errors the user can fix (missing data, bad config, unreadable file), shown as one message."""
+"""Errors the user can fix (missing data, bad config, unreadable file), shown as one message,
+and the command-line conventions every `patchlab` tool shares."""
 
+import argparse
 import functools
 import os
 import re
@@ -55,3 +57,12 @@ def exit_on_user_error(main: Callable[P, R]) -> Callable[P, R]:
             sys.exit(1)
 
     return wrapper
+
+
+def command_parser(command: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `patchlab <command>`: its module docstring as help, laid out as written."""
+    return argparse.ArgumentParser(
+        prog=f"patchlab {command}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )

@@ -1,4 +1,4 @@
-"""`python -m patchlab.export`: see patchlab.deploy.export."""
+"""`python -m patchlab.export`: the same as `patchlab export` (patchlab.deploy.export)."""
 
 from patchlab.deploy.export import main
 

@@ -1,4 +1,4 @@
-"""`python -m patchlab.predict`: see patchlab.deploy.predict."""
+"""`python -m patchlab.predict`: the same as `patchlab predict` (patchlab.deploy.predict)."""
 
 from patchlab.deploy.predict import main
 

@@ -1,4 +1,4 @@
-"""`python -m patchlab.render RUN_DIR`: kept as an alias of patchlab.reporting.render."""
+"""`python -m patchlab.render`: the same as `patchlab render` (patchlab.reporting.render)."""
 
 from patchlab.reporting.render import main
 

@@ -1,4 +1,4 @@
-"""`python -m patchlab.report`: kept as an alias of patchlab.reporting.report."""
+"""`python -m patchlab.report`: the same as `patchlab report` (patchlab.reporting.report)."""
 
 from patchlab.reporting.report import main
 

@@ -1,6 +1,6 @@
-"""`python -m patchlab.tune RUN_ID`: kept as an alias of patchlab.tuning.retune."""
+"""`python -m patchlab.tune`: the same as `patchlab tune` (patchlab.jobs.retune)."""
 
-from patchlab.tuning.retune import main
+from patchlab.jobs.retune import main
 
 if __name__ == "__main__":
     main()

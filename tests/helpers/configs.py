@@ -8,8 +8,8 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from patchlab.tracking.runs import tracked_run
-from patchlab.training.pipeline import run
+from patchlab.jobs.pipeline import run
+from patchlab.jobs.tracking import tracked_run
 
 ROOT = Path(__file__).resolve().parents[2]
 REAL_DATA = ROOT.parent / "shared" / "data" / "mvtec_ad"
@@ -67,6 +67,6 @@ def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:
 def tracked(overrides: list[str], output_dir: Path) -> dict[str, float]:
     """What train.py does for one category, in-process."""
     cfg = compose_config(overrides)
-    with tracked_run(cfg, output_dir):
-        metrics, _, _ = run(cfg, output_dir)
+    with tracked_run(cfg, output_dir) as run_log:
+        metrics, _, _ = run(cfg, output_dir, run_log)
     return metrics

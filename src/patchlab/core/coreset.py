@@ -1,20 +1,25 @@
-"""Memory-bank samplers by name; greedy k-center coreset selection (PatchCore section 3.2)."""
+"""Greedy k-center coreset selection (PatchCore section 3.2): which training patches the bank keeps.
+
+A sampler is one class with `choose(features, keep, rng, stop)`; a YAML file in
+`conf/sampler/` names it (`_target_`) with its constructor's arguments. How many rows to keep
+is the detector's `coreset_ratio`, not the sampler's.
+"""
 
 import math
 import threading
 from collections.abc import Callable
-from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import Generator, Tensor
 from tqdm.auto import tqdm
 
 from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
 from patchlab.errors import SettingError
 
-T = TypeVar("T")
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Stop = Callable[[], None]  # raises to abandon a long computation; returns to let it go on
+STOP_POLL_SECONDS = 0.1
 
 
 def random_projection(
@@ -28,24 +33,22 @@ def random_projection(
 
 
 class CoresetSampler:
-    """Chooses the memory bank's rows from all training patches; chosen by `sampler=`.
+    """Chooses the memory bank's rows from all training patches.
 
-    Configured in `__init__`, stateless between calls: `select` sees the features and a
-    seeded generator, nothing else. Subclasses implement `select`; registering one is one
-    line in SAMPLERS, and its constructor arguments are model settings of the same names.
+    Configured in `__init__`, stateless between calls: `choose` sees the features, how many
+    rows to keep (fewer than there are), a seeded generator and an optional `stop` callback.
     """
 
-    def __init__(self, coreset_ratio: float) -> None:
-        if not 0 < coreset_ratio <= 1:
-            raise SettingError(f"{{coreset_ratio}} must be in (0, 1], got {coreset_ratio}")
-        self.coreset_ratio = coreset_ratio
+    def select(
+        self, features: Tensor, keep: int, generator: Generator, stop: Stop | None = None
+    ) -> Tensor:
+        """Indices of `keep` rows of (N, D) `features`; `stop` is asked while it works and
+        raises to abandon it. All of them when `keep` >= N."""
+        if keep >= len(features):
+            return torch.arange(len(features))
+        return self.choose(features, keep, generator, stop)
 
-    def bank_size(self, count: int) -> int:
-        """Rows kept from `count` patches."""
-        return max(1, int(count * self.coreset_ratio))
-
-    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Returns the indices of the kept rows of (N, D) `features`."""
+    def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
         raise NotImplementedError
 
 
@@ -58,7 +61,6 @@ class GreedyCoresetSampler(CoresetSampler):
     projection per step in well under a millisecond on bottle).
 
     Args:
-        coreset_ratio: Fraction of patches kept, in (0, 1].
         projection_dim: Columns of the random projection distances are measured in.
         coreset_dtype: "float32", or "bfloat16"/"float16" to halve the bytes read per step.
         progress: Show a progress bar with steps/s.
@@ -66,12 +68,10 @@ class GreedyCoresetSampler(CoresetSampler):
 
     def __init__(
         self,
-        coreset_ratio: float,
         projection_dim: int | None = 128,
         coreset_dtype: str = "float32",
         progress: bool = True,
     ) -> None:
-        super().__init__(coreset_ratio)
         if coreset_dtype not in _DTYPES:
             raise SettingError(
                 f"{{coreset_dtype}} must be one of {list(_DTYPES)}, got {coreset_dtype!r}"
@@ -80,13 +80,10 @@ class GreedyCoresetSampler(CoresetSampler):
         self.dtype = _DTYPES[coreset_dtype]
         self.progress = progress
 
-    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Returns the indices of the coreset rows of (N, D) `features`, in selection order."""
+    def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
+        """The coreset rows of (N, D) `features`, in selection order; `stop` runs every step."""
         count = features.shape[0]
-        keep = self.bank_size(count)
-        if keep >= count:
-            return torch.arange(count)
-        projected = random_projection(features, self.projection_dim, generator)
+        projected = random_projection(features, self.projection_dim, rng)
         sq_norms = projected.square().sum(1)
         # Measured with MKL: fp32 gemv streams fastest over (d, N), fp16/bf16 over (N, d).
         if self.dtype == torch.float32:
@@ -98,7 +95,7 @@ class GreedyCoresetSampler(CoresetSampler):
         candidate = torch.empty(count, device=device)
         min_dist = torch.full((count,), float("inf"), device=device)
         selected = torch.empty(keep, dtype=torch.long)
-        index = int(torch.randint(count, (1,), generator=generator))
+        index = int(torch.randint(count, (1,), generator=rng))
         for step in tqdm(range(keep), desc="coreset", unit="step", disable=not self.progress):
             selected[step] = index
             torch.mv(projected, projected[index].contiguous(), out=dots)
@@ -106,18 +103,21 @@ class GreedyCoresetSampler(CoresetSampler):
             candidate.add_(sq_norms[index])
             torch.minimum(min_dist, candidate, out=min_dist)
             index = int(min_dist.argmax())
+            if stop is not None:
+                stop()
         return selected
 
 
-def beside_main_thread(compiled: Callable[..., T], *args: object) -> T:
-    """Runs GIL-free compiled code in a daemon thread and waits for it.
+def stoppable(compiled: Callable[..., np.ndarray], stop: Stop | None, *args: object) -> np.ndarray:
+    """Runs GIL-free compiled code; with `stop`, in a worker thread, asking `stop` in between.
 
-    Python handles signals only in the main thread, between bytecodes; during a minute-long
-    compiled call it could not, and SLURM's SIGTERM would wait for the whole selection. Here
-    the main thread waits interruptibly: a stop raises at once. The abandoned thread computes
-    on (one core) until its loop ends or the process exits.
+    A compiled call of a minute cannot look at Python state. Run beside the waiting thread,
+    it can be abandoned: when `stop` raises, the raise reaches the caller at once, and the
+    abandoned worker computes on (one core) until its loop ends or the process exits.
     """
-    result: list[T] = []
+    if stop is None:
+        return compiled(*args)
+    result: list[np.ndarray] = []
     failure: list[BaseException] = []
 
     def work() -> None:
@@ -128,7 +128,9 @@ def beside_main_thread(compiled: Callable[..., T], *args: object) -> T:
 
     thread = threading.Thread(target=work, name="pruned-greedy", daemon=True)
     thread.start()
-    thread.join()
+    while thread.is_alive():
+        thread.join(STOP_POLL_SECONDS)
+        stop()
     if failure:
         raise failure[0]
     return result[0]
@@ -146,21 +148,13 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
 
     PLAIN_BELOW = 2048
 
-    def select(self, features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
         count = features.shape[0]
-        keep = self.bank_size(count)
         on_cpu = features.device.type == "cpu"
-        if keep >= count or count <= self.PLAIN_BELOW or self.dtype != torch.float32 or not on_cpu:
-            return super().select(features, generator)
-        projected = random_projection(features, self.projection_dim, generator)
-        first = int(torch.randint(count, (1,), generator=generator))  # the plain loop's draw
+        if count <= self.PLAIN_BELOW or self.dtype != torch.float32 or not on_cpu:
+            return super().choose(features, keep, rng, stop)
+        projected = random_projection(features, self.projection_dim, rng)
+        first = int(torch.randint(count, (1,), generator=rng))  # the plain loop's draw
         points = np.ascontiguousarray(projected.numpy(), dtype=np.float32)
         mean, basis = bound_basis(points)
-        return torch.from_numpy(beside_main_thread(pruned_greedy, points, first, keep, mean, basis))
-
-
-# greedy_coreset is the pruned selector; greedy_coreset_plain the reference loop it must equal.
-SAMPLERS: dict[str, type[CoresetSampler]] = {
-    "greedy_coreset": PrunedGreedyCoresetSampler,
-    "greedy_coreset_plain": GreedyCoresetSampler,
-}
+        return torch.from_numpy(stoppable(pruned_greedy, stop, points, first, keep, mean, basis))

@@ -7,80 +7,22 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from patchlab.core.ranking import ALL, RankedCounts, rank, rank_parts
+
 
 def _both_classes(labels: torch.Tensor, name: str) -> bool:
     positives = int(labels.sum())
-    if 0 < positives < labels.numel():
-        return True
-    warnings.warn(f"{name} is NaN: the test set has only one class", stacklevel=3)
-    return False
+    return _warn_unless(0 < positives < labels.numel(), name)
 
 
-@dataclass(frozen=True)
-class RankedCounts:
-    """Exact confusion counts at every distinct score, from one descending sort.
-
-    Everything threshold-based (AUROC, F1-max, the drawn ROC and PR curves) reads these, so a
-    category's 4M pixels are sorted once, in their float32, with int32 counts.
-    """
-
-    thresholds: torch.Tensor  # (T,) distinct scores, descending
-    true_pos: torch.Tensor  # (T,) positives scoring >= each threshold
-    false_pos: torch.Tensor  # (T,) negatives scoring >= each threshold
-    positives: int
-    negatives: int
-
-    def roc(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(FPR, TPR) from (0, 0) to (1, 1)."""
-        zero = torch.zeros(1)
-        fpr = torch.cat([zero, self.false_pos / max(self.negatives, 1)])
-        tpr = torch.cat([zero, self.true_pos / max(self.positives, 1)])
-        return fpr, tpr
-
-    def pr(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(recall, precision) from recall 1 down to the (0, 1) end point."""
-        recall = (self.true_pos / max(self.positives, 1)).flip(0)
-        precision = (self.true_pos / (self.true_pos + self.false_pos)).flip(0)
-        return torch.cat([recall, torch.zeros(1)]), torch.cat([precision, torch.ones(1)])
-
-    def auroc(self) -> float:
-        """Trapezoidal area, summed in float64 from the exact integer counts; NaN for one class."""
-        if self.positives == 0 or self.negatives == 0:
-            return float("nan")
-        zero = torch.zeros(1, dtype=torch.float64)
-        false_pos = torch.cat([zero, self.false_pos.double()])
-        true_pos = torch.cat([zero, self.true_pos.double()])
-        return float(torch.trapezoid(true_pos, false_pos)) / (self.positives * self.negatives)
-
-    def f1_max(self) -> tuple[float, float]:
-        """Best F1 and the score that reaches it: `scores >= threshold` reproduces it exactly."""
-        if self.positives == 0:
-            return float("nan"), float("nan")
-        f1 = 2 * self.true_pos.double() / (self.true_pos + self.false_pos + self.positives)
-        best = int(f1.argmax())
-        return float(f1[best]), float(self.thresholds[best])
+def _both_classes_counted(counts: RankedCounts, name: str) -> bool:
+    return _warn_unless(counts.positives > 0 and counts.negatives > 0, name)
 
 
-def rank(scores: torch.Tensor, labels: torch.Tensor) -> RankedCounts:
-    """Sorts scores once and counts positives and negatives above each distinct score.
-
-    Selections go through numpy: torch's boolean indexing first builds int64 indices, which
-    on 4M pixels is a 33 MB transient per selection.
-    """
-    if scores.dtype != torch.float64:  # float64 input keeps its precision; maps are float32
-        scores = scores.float()
-    scores, order = scores.flatten().sort(descending=True)
-    positive = labels.flatten()[order].bool()
-    del order  # int64, the largest buffer: free it before the next allocations
-    true_pos = positive.cumsum(0, dtype=torch.int32)
-    false_pos = positive.logical_not_().cumsum(0, dtype=torch.int32)
-    del positive
-    last_of_tie = torch.ones_like(scores, dtype=torch.bool)
-    last_of_tie[:-1] = scores[:-1] != scores[1:]
-    keep = last_of_tie.numpy()
-    positives, negatives = int(true_pos[-1]), int(false_pos[-1])
-    distinct = [torch.from_numpy(t.numpy()[keep]) for t in (scores, true_pos, false_pos)]
-    return RankedCounts(*distinct, positives, negatives)
+def _warn_unless(both: bool, name: str) -> bool:
+    if not both:
+        warnings.warn(f"{name} is NaN: the test set has only one class", stacklevel=4)
+    return both
 
 
 def auroc(scores: torch.Tensor, labels: torch.Tensor, name: str = "auroc") -> float:
@@ -98,22 +40,27 @@ def f1_max(scores: torch.Tensor, labels: torch.Tensor, name: str = "f1_max") -> 
 
 
 def aupro(
-    maps: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3, steps: int = 301
+    maps: torch.Tensor,
+    masks: torch.Tensor,
+    ranked: RankedCounts | None = None,
+    fpr_limit: float = 0.3,
+    steps: int = 301,
 ) -> float:
     """Area under the per-region-overlap curve up to `fpr_limit` FPR, normalised to [0, 1].
 
-    Thresholds are read off the sorted normal-pixel scores so the FPR grid is exact; each
-    defect region (8-connected component of a mask) counts once, whatever its size.
+    Thresholds are normal-pixel scores read off the ranking (`rank(maps, masks)`, passed in
+    when the caller has it), so the FPR grid is exact; each defect region (8-connected
+    component of a mask) counts once, whatever its size.
     """
     if not _both_classes(masks, "aupro"):
         return float("nan")
-    # numpy: a boolean mask over (N, H, W) in torch first builds (pixels x 3) int64 indices.
-    normal = torch.from_numpy(np.sort(maps.numpy()[masks.numpy() == 0]))
+    ranked = ranked if ranked is not None else rank(maps, masks)
     # A pixel is flagged when its score exceeds the threshold; the k-th largest normal score
-    # as threshold flags at most k normal pixels, exactly k when there are no ties.
+    # as threshold flags at most k - 1 normal pixels above it, exactly that without ties. The
+    # k-th largest normal score is the first distinct score with k normal pixels at or above.
     fpr = torch.linspace(0, fpr_limit, steps, dtype=torch.float64)
-    above = (fpr * normal.numel()).round().long()
-    thresholds = normal[normal.numel() - 1 - above]
+    kth = (fpr * ranked.negatives).round().long() + 1
+    thresholds = ranked.thresholds[torch.searchsorted(ranked.false_pos.long(), kth)]
     overlaps = []
     for image_map, mask in zip(maps, masks, strict=True):
         if not mask.any():
@@ -128,27 +75,66 @@ def aupro(
     return float(torch.trapezoid(pro, fpr) / fpr_limit)
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """A category's metrics, and the rankings they came from, for figures and tuning to reuse.
+
+    `image` and `pixel` are keyed "all" and by part name; `pixel` is empty without masks.
+    """
+
+    metrics: dict[str, float]
+    image: dict[str, RankedCounts]
+    pixel: dict[str, RankedCounts]
+
+
 def evaluate(
     image_scores: torch.Tensor,
     labels: torch.Tensor,
     maps: torch.Tensor,
     masks: torch.Tensor | None,
-) -> dict[str, float]:
+    parts: dict[str, torch.Tensor] | None = None,
+) -> Evaluation:
     """All test metrics of one category, keyed by the names used in metrics.json and MLflow.
 
     Without `masks` (image-only data) the pixel metrics are left out, not set to NaN or 0.
+    Each of `parts` (image indices, e.g. a validation split) adds `<part>_<metric>` figures
+    from the same sorts.
     """
-    metrics = _threshold_metrics("image", image_scores, labels)
-    if masks is None:
+    parts = parts or {}
+    image = rank_parts(image_scores, labels, parts)
+    pixel = rank_parts(maps, masks, parts) if masks is not None else {}
+    metrics = _metrics(image[ALL], pixel.get(ALL), maps, masks)
+    for name, index in parts.items():
+        part_maps, part_masks = (maps[index], masks[index]) if masks is not None else (maps, None)
+        metrics |= prefixed(name, _metrics(image[name], pixel.get(name), part_maps, part_masks))
+    return Evaluation(metrics, image, pixel)
+
+
+def prefixed(part: str, metrics: dict[str, float]) -> dict[str, float]:
+    """A part's threshold-free metrics, named `<part>_<metric>` (`val_pixel_auroc`, ...).
+
+    Model selection reads the `val_` ones; the `held_out_` ones report what was chosen on
+    images no choice has seen.
+    """
+    return {f"{part}_{k}": v for k, v in metrics.items() if not k.endswith("_threshold")}
+
+
+def _metrics(
+    image: RankedCounts,
+    pixel: RankedCounts | None,
+    maps: torch.Tensor,
+    masks: torch.Tensor | None,
+) -> dict[str, float]:
+    metrics = _threshold_metrics("image", image)
+    if pixel is None:
         return metrics
-    return metrics | _threshold_metrics("pixel", maps, masks) | {"aupro": aupro(maps, masks)}
+    return metrics | _threshold_metrics("pixel", pixel) | {"aupro": aupro(maps, masks, pixel)}
 
 
-def _threshold_metrics(prefix: str, scores: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
-    """AUROC and F1-max from one sort; NaN with a warning when only one class is present."""
+def _threshold_metrics(prefix: str, counts: RankedCounts) -> dict[str, float]:
+    """AUROC and F1-max from the ranking; NaN with a warning when only one class is present."""
     auc = f1 = threshold = float("nan")
-    if _both_classes(truth, f"{prefix}_auroc"):
-        counts = rank(scores, truth)
+    if _both_classes_counted(counts, f"{prefix}_auroc"):
         auc, (f1, threshold) = counts.auroc(), counts.f1_max()
     return {
         f"{prefix}_auroc": auc,

@@ -1,9 +1,12 @@
-"""Locally aware patch embeddings (PatchCore section 3.1)."""
+"""Locally aware patch embeddings (PatchCore section 3.1): computed, per member, collected."""
+
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from patchlab.core.backbones import BackboneEnsemble
 from patchlab.core.features import FeatureExtractor
 
 
@@ -64,3 +67,77 @@ class PatchEmbedding(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return aggregate_patches(self.backbone(images), self.patch_size, self.embedding_dim)
+
+
+class Embedder(Protocol):
+    """(B, 3, H, W) images -> one (B, D_i, h_i, w_i) patch-embedding grid per member."""
+
+    feature_dims: list[int]
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+
+class TorchEmbedder(nn.Module):
+    """Each member's backbone and patch aggregation; `forward` is what export traces.
+
+    Args:
+        forward_chunk: Images per backbone forward in `embed`. Bounds activation memory (a
+            32-image forward of EfficientNet-Lite2 at 224 px holds ~430 MB); results do not
+            change.
+    """
+
+    def __init__(
+        self,
+        backbone: FeatureExtractor | BackboneEnsemble,
+        patch_size: int = 3,
+        embedding_dim: int | None = None,
+        forward_chunk: int = 8,
+    ) -> None:
+        super().__init__()
+        extractors = list(backbone) if isinstance(backbone, BackboneEnsemble) else [backbone]
+        self.members = nn.ModuleList(
+            PatchEmbedding(extractor, patch_size, embedding_dim) for extractor in extractors
+        )
+        self.forward_chunk = forward_chunk
+
+    @property
+    def feature_dims(self) -> list[int]:
+        return [member.feature_dim for member in self.members]
+
+    @property
+    def strides(self) -> list[int]:
+        """Each member's finest stride: the patch grid is the image size divided by it."""
+        return [member.backbone.strides[0] for member in self.members]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(member(images) for member in self.members)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        chunks = images.contiguous(memory_format=torch.channels_last).split(self.forward_chunk)
+        return [torch.cat([member(chunk) for chunk in chunks]) for member in self.members]
+
+
+class PatchCollector:
+    """Every member's training patches, in (N, D) buffers allocated at the first batch."""
+
+    def __init__(self, images: int, dtype: torch.dtype = torch.float32) -> None:
+        self.images, self.dtype = images, dtype
+        self.buffers: list[torch.Tensor] = []
+        self.filled: list[int] = []
+
+    def add(self, embeddings: list[torch.Tensor]) -> None:
+        """Appends one batch: each member's (B, D, h, w) embeddings."""
+        for member, embedding in enumerate(embeddings):
+            patches = flatten_patches(embedding)
+            patches = patches.reshape(-1, patches.shape[-1])
+            if len(self.buffers) == member:
+                total = self.images * len(patches) // len(embedding)
+                self.buffers.append(torch.empty(total, patches.shape[1], dtype=self.dtype))
+                self.filled.append(0)
+            start = self.filled[member]
+            self.buffers[member][start : start + len(patches)] = patches
+            self.filled[member] += len(patches)
+
+    def features(self) -> list[torch.Tensor]:
+        return [buffer[:filled] for buffer, filled in zip(self.buffers, self.filled, strict=True)]

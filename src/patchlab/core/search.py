@@ -1,7 +1,7 @@
-"""Nearest-neighbour search over the memory bank, chosen by `search=` from SEARCH_INDEXES.
+"""Nearest-neighbour search over the memory bank.
 
-An index is one class with `fit(bank)` and `search(queries, k)`; registering it is one line
-in SEARCH_INDEXES. Its constructor arguments are model settings of the same names.
+An index is one class with `fit(bank)` and `search(queries, k)`; a YAML file in `conf/search/`
+names it (`_target_`) with its constructor's arguments, and `search=<file>` chooses it.
 Indexes answer on the device of the queries; a bank on a GPU is searched there.
 """
 
@@ -127,6 +127,3 @@ class IVFIndex(_FaissIndex):
         self.faiss_index.train(bank)
         self.faiss_index.nprobe = min(self.ivf_probes, lists)
         self.faiss_index.add(bank)
-
-
-SEARCH_INDEXES: dict[str, type[SearchIndex]] = {"exact": ExactIndex, "ivf": IVFIndex}

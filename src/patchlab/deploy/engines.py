@@ -1,113 +1,111 @@
-"""Embedding engines: the backbone and patch aggregation in torch, ONNX Runtime or OpenVINO.
+"""Embedding engines: every member's backbone and patch aggregation as one exported graph.
 
-Each engine is one function from the bank's folder and checked config to an `embed` callable
-and the feature width it produces. Only the graph differs; the bank, search and
-post-processing are shared (see `predictor.py`). Exported graphs have a dynamic batch axis and
-hold no bank, so their size does not grow with the training set.
+The detector scores the same way whatever produced its patch embeddings (see
+`core/detector.py`); an engine only swaps its embedder for an ONNX Runtime or OpenVINO run of
+the graph `export_onnx` traced. Graphs have a dynamic batch axis and one output per member,
+and hold no bank, so their size does not grow with the training set.
 """
 
+import importlib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig
 
-from patchlab.core.patches import PatchEmbedding
+from patchlab.core.patches import TorchEmbedder
 from patchlab.errors import UserError
 
 ONNX_FILE = "embedding.onnx"
 OPENVINO_FILE = "embedding.xml"  # with embedding.bin beside it
 ONNX_OPSET = 17
-
-Embed = Callable[[torch.Tensor], torch.Tensor]
-
-
-def patch_embedding(cfg: DictConfig, weights: str | None = None) -> PatchEmbedding:
-    """The run's backbone and aggregation; `cfg` must come from `outputs.bank_config`."""
-    if weights is not None:
-        cfg.backbone.weights = weights
-    torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
-    backbone = instantiate(cfg.backbone)
-    return PatchEmbedding(backbone, cfg.model.patch_size, cfg.model.embedding_dim).eval()
+GRAPH_ENGINES = {"onnx": ONNX_FILE, "openvino": OPENVINO_FILE}
+EXTRA_INSTALL = "pip install -e '.[export]'"
 
 
-def torch_engine(folder: Path, cfg: DictConfig, weights: str | None) -> tuple[Embed, int]:
-    embedding = patch_embedding(cfg, weights)
-    chunk = int(cfg.model.get("forward_chunk", 8))
-
-    @torch.inference_mode()
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([embedding(part) for part in images.split(chunk)])
-
-    return embed, embedding.feature_dim
-
-
-def _graph(folder: Path, name: str, engine: str) -> Path:
-    path = folder / name
+def graph_path(folder: Path, engine: str) -> Path:
+    """The engine's graph beside the bank; a clear error when it was never exported."""
+    path = folder / GRAPH_ENGINES[engine]
     if not path.is_file():
         raise UserError(
             f"--engine {engine} needs {path}, which does not exist: export it first with "
-            f"python -m patchlab.export SOURCE --format {engine} --out {folder}"
+            f"patchlab export SOURCE --format {engine} --out {folder}"
         )
     return path
 
 
-def probed_width(embed: Embed, cfg: DictConfig) -> int:
-    """Feature width of a graph, from one blank image: graph metadata may leave it symbolic."""
-    size = int(cfg.data.crop_size)
-    return int(embed(torch.zeros(1, 3, size, size)).shape[1])
+def import_extra(module: str) -> ModuleType:
+    """An export-engine package, or one line saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise UserError(
+            f"{module} is not installed; install the export extra: {EXTRA_INSTALL}"
+        ) from error
 
 
-def onnx_engine(folder: Path, cfg: DictConfig, weights: str | None) -> tuple[Embed, int]:
-    import onnxruntime
+class GraphEmbedder:
+    """An exported graph as the detector's embedder; `run` maps a float32 NCHW array to the
+    graph's outputs, one per member."""
 
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], crop_size: int) -> None:
+        self.run = run
+        # The widths from one blank image: graph metadata may leave them symbolic.
+        self.feature_dims = [
+            int(e.shape[1]) for e in self.embed(torch.zeros(1, 3, crop_size, crop_size))
+        ]
+
+    def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
+        array = np.ascontiguousarray(images.numpy(), dtype=np.float32)
+        return [torch.from_numpy(np.asarray(output)) for output in self.run(array)]
+
+
+def onnx_embedder(folder: Path, crop_size: int) -> GraphEmbedder:
+    onnxruntime = import_extra("onnxruntime")
     session = onnxruntime.InferenceSession(
-        str(_graph(folder, ONNX_FILE, "onnx")), providers=["CPUExecutionProvider"]
+        str(graph_path(folder, "onnx")), providers=["CPUExecutionProvider"]
     )
     name = session.get_inputs()[0].name
-
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.numpy(), dtype=np.float32)
-        return torch.from_numpy(session.run(None, {name: array})[0])
-
-    return embed, probed_width(embed, cfg)
+    return GraphEmbedder(lambda array: session.run(None, {name: array}), crop_size)
 
 
-def openvino_engine(folder: Path, cfg: DictConfig, weights: str | None) -> tuple[Embed, int]:
-    import openvino
-
+def openvino_embedder(folder: Path, crop_size: int) -> GraphEmbedder:
+    openvino = import_extra("openvino")
     # On CPUs with bf16 units OpenVINO computes in bf16 unless told otherwise: scores then
     # drift by ~0.2%, enough to flip decisions near the threshold. f32 keeps torch's numbers.
     compiled = openvino.Core().compile_model(
-        str(_graph(folder, OPENVINO_FILE, "openvino")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+        str(graph_path(folder, "openvino")), "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
     )
-    output = compiled.output(0)
+    outputs = compiled.outputs
 
-    def embed(images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.numpy(), dtype=np.float32)
-        return torch.from_numpy(np.array(compiled(array)[output]))
+    def run(array: np.ndarray) -> list[np.ndarray]:
+        results = compiled(array)
+        return [results[output] for output in outputs]
 
-    return embed, probed_width(embed, cfg)
+    return GraphEmbedder(run, crop_size)
 
 
-ENGINES: dict[str, Callable[[Path, DictConfig, str | None], tuple[Embed, int]]] = {
-    "torch": torch_engine,
-    "onnx": onnx_engine,
-    "openvino": openvino_engine,
+EMBEDDERS: dict[str, Callable[[Path, int], GraphEmbedder]] = {
+    "onnx": onnx_embedder,
+    "openvino": openvino_embedder,
 }
+ENGINES = ("torch", *EMBEDDERS)
 
 
-def export_onnx(embedding: PatchEmbedding, crop_size: int, path: Path) -> None:
-    """Traces backbone + aggregation into one graph, batch axis dynamic.
+def export_onnx(embedder: TorchEmbedder, crop_size: int, path: Path) -> None:
+    """Traces every member's backbone + aggregation into one graph, batch axis dynamic.
 
     The tracing exporter is used: it needs no extra package and drops the backbone's layers
     past the deepest requested one as dead code (the early stop of training cannot be traced).
     """
+    import_extra("onnx")
     example = torch.zeros(2, 3, crop_size, crop_size)
-    embedding.backbone.stop_early = False
+    names = [f"embedding.{i}" for i in range(len(embedder.members))]
+    extractors = [member.backbone for member in embedder.members]
+    for extractor in extractors:
+        extractor.stop_early = False
     try:
         with warnings.catch_warnings():
             # torch announces the tracing exporter's deprecation; it is still the exporter
@@ -115,21 +113,21 @@ def export_onnx(embedding: PatchEmbedding, crop_size: int, path: Path) -> None:
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             torch.onnx.export(
-                embedding,
+                embedder,
                 (example,),
                 str(path),
                 input_names=["images"],
-                output_names=["embedding"],
-                dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+                output_names=names,
+                dynamic_axes={"images": {0: "batch"}} | {name: {0: "batch"} for name in names},
                 opset_version=ONNX_OPSET,
                 dynamo=False,
             )
     finally:
-        embedding.backbone.stop_early = True
+        for extractor in extractors:
+            extractor.stop_early = True
 
 
 def export_openvino(onnx_path: Path, path: Path) -> None:
     """Converts the ONNX graph to OpenVINO IR (`.xml` + `.bin`), fp32 weights kept."""
-    import openvino
-
+    openvino = import_extra("openvino")
     openvino.save_model(openvino.convert_model(str(onnx_path)), str(path), compress_to_fp16=False)

@@ -1,31 +1,25 @@
 """From what a user names (run id, runs:/ or models:/ URI, run or export folder, bank file) to a
 ready Predictor, treating everything fetched as untrusted: safetensors and YAML only, no
-pickle, and only allow-listed classes built (see `outputs.bank_config`)."""
+pickle, and only allow-listed classes built (see `artifacts.bank.bank_config`)."""
 
 import json
 import re
 import tempfile
 from pathlib import Path
 
+import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.deploy.engines import ENGINES
+from patchlab.artifacts.bank import BANK_FILE, bank_config, check_bank, read_banks
+from patchlab.artifacts.store import tracking_uri_set
+from patchlab.core.detector import PatchCore
+from patchlab.deploy.engines import EMBEDDERS, ENGINES
 from patchlab.deploy.predictor import Decisions, Predictor
 from patchlab.errors import UserError
-from patchlab.outputs import BANK_FILE, bank_config, check_bank, read_bank
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def deployable_config(bank_path: Path, metadata: dict[str, str]) -> DictConfig:
-    """The checked config of a single-backbone bank; an ensemble's is refused by name."""
-    cfg = bank_config(bank_path, metadata)
-    if "members" in cfg.backbone:
-        raise UserError(
-            f"{bank_path} holds an ensemble ({cfg.backbone.name}): predict, export and the "
-            "MLflow model take one backbone; evaluate an ensemble with train.py"
-        )
-    return cfg
+MODEL_NAME = "model"  # the logged model's name within its run
 
 
 def bank_in(folder: Path) -> Path:
@@ -36,54 +30,92 @@ def bank_in(folder: Path) -> Path:
     return found[0]
 
 
+def _download(uri: str, tracking_uri: str | None, into: Path) -> Path:
+    import mlflow
+
+    # models:/ URIs are resolved through the registry, which follows the global URI, not
+    # download_artifacts' tracking_uri argument.
+    with tracking_uri_set(tracking_uri or mlflow.get_tracking_uri()):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(into)))
+
+
 def fetch_source(source: str, tracking_uri: str | None, into: Path) -> Path:
-    """The local bank file that `source` names, downloading from MLflow when it is remote."""
+    """The local bank file that `source` names, downloading from MLflow when it is remote.
+
+    A run's bank lives in its logged model (the run holds no second copy); a run whose
+    model could not be logged keeps the bank as a run artifact, which is looked for next.
+    """
     path = Path(source)
     if path.is_file():
         return path
     if path.is_dir():
         return bank_in(path)
+    uris = [source]
     if RUN_ID.match(source):
-        source = f"runs:/{source}/{BANK_FILE}"
-    if not source.startswith(("runs:/", "models:/")):
+        uris = [f"runs:/{source}/{MODEL_NAME}", f"runs:/{source}/{BANK_FILE}"]
+    elif not source.startswith(("runs:/", "models:/")):
         raise UserError(
             f"SOURCE {source!r} is not an existing file or folder, an MLflow run id, or a "
             "runs:/ or models:/ URI"
         )
-    import mlflow
+    errors = []
+    for uri in uris:
+        try:
+            local = _download(uri, tracking_uri, into)
+        except Exception as error:
+            errors.append(f"{uri}: {error}")
+            continue
+        return local if local.is_file() else bank_in(local)
+    raise UserError(f"Could not fetch {source} from {tracking_uri}: {'; '.join(errors)}")
 
-    from patchlab.tracking.runs import tracking_uri_set
 
-    try:
-        # models:/ URIs are resolved through the registry, which follows the global URI,
-        # not download_artifacts' tracking_uri argument.
-        with tracking_uri_set(tracking_uri or mlflow.get_tracking_uri()):
-            local = Path(
-                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(into))
+def detector_from_config(cfg: DictConfig, engine: str = "torch") -> PatchCore:
+    """The run's detector without its bank; for a graph engine, without its torch backbone."""
+    torch.manual_seed(cfg.seed)  # as in training, so even a random-init backbone comes back equal
+    backbone = instantiate(cfg.backbone) if engine == "torch" else None
+    search = instantiate(cfg.search, _partial_=True)
+    return instantiate(cfg.model, backbone=backbone, search=search)
+
+
+def load_detector(
+    bank_path: Path, engine: str = "torch", weights: str | None = None
+) -> tuple[PatchCore, DictConfig, dict[str, str]]:
+    """The fitted detector of a bank file, its checked config and the file's metadata.
+
+    `weights` overrides a single backbone's weights source. ONNX / OpenVINO graphs are looked
+    for beside the bank.
+    """
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
+    banks, statistics, metadata = read_banks(bank_path)
+    cfg = bank_config(bank_path, metadata)
+    if weights is not None:
+        if "members" in cfg.backbone:
+            raise UserError(
+                f"{bank_path} holds an ensemble: give each member's weights in its config"
             )
-    except Exception as error:
-        raise UserError(f"Could not fetch {source} from {tracking_uri}: {error}") from error
-    return local if local.is_file() else bank_in(local)
+        cfg.backbone.weights = weights
+    detector = detector_from_config(cfg, engine)
+    if engine != "torch":
+        detector.embedder = EMBEDDERS[engine](bank_path.parent, int(cfg.data.crop_size))
+    dims = detector.embedder.feature_dims
+    if len(banks) != len(dims):
+        raise UserError(f"{bank_path}: {len(banks)} banks, but its backbone has {len(dims)}")
+    for member, (bank, dim) in enumerate(zip(banks, dims, strict=True)):
+        check_bank(bank_path, bank, metadata if member == 0 else {}, dim)
+    detector.load(banks, statistics)
+    return detector, cfg, metadata
 
 
 def load_predictor(bank_path: Path, engine: str = "torch", weights: str | None = None) -> Predictor:
-    """A Predictor from a bank file; ONNX / OpenVINO graphs are looked for beside it."""
-    if engine not in ENGINES:
-        raise UserError(f"--engine must be one of {sorted(ENGINES)}, got {engine!r}")
-    bank, metadata = read_bank(bank_path)
-    cfg = deployable_config(bank_path, metadata)
-    embed, feature_dim = ENGINES[engine](bank_path.parent, cfg, weights)
-    check_bank(bank_path, bank, metadata, feature_dim)
+    """A Predictor from a bank file: its detector, preprocessing and decisions."""
+    detector, cfg, metadata = load_detector(bank_path, engine, weights)
     extra = json.loads(metadata.get("extra") or "{}")
     if extra.get("image_threshold") is None:
-        raise UserError(
-            f"{bank_path} stores no decision threshold: it was written before runs stored "
-            "them; train it again to get one"
-        )
+        raise UserError(f"{bank_path} stores no decision threshold: train it again to get one")
     preprocessing = json.loads(metadata["preprocessing"])
-    model, decisions = OmegaConf.to_container(cfg.model), Decisions.from_extra(extra)
-    batch_size = int(cfg.data.get("batch_size", 16))
-    return Predictor(embed, bank, model, preprocessing, decisions, batch_size)
+    batch_size = int(OmegaConf.select(cfg, "data.batch_size", default=16))
+    return Predictor(detector, preprocessing, Decisions.from_extra(extra), batch_size)
 
 
 def predictor_from(

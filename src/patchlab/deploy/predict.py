@@ -1,9 +1,9 @@
 """Score new images with a trained model; no labels needed.
 
-    python -m patchlab.predict SOURCE INPUT... --out DIR [--engine torch|onnx|openvino]
+    patchlab predict SOURCE INPUT... --out DIR [--engine torch|onnx|openvino]
 
 SOURCE: an MLflow run id, a runs:/ or models:/name@alias URI, a run folder, an export folder
-(from python -m patchlab.export) or a memory_bank.safetensors file. INPUT: image files,
+(from patchlab export) or a memory_bank.safetensors file. INPUT: image files,
 folders (searched recursively) or globs. Writes DIR/predictions.csv, DIR/maps/<name>.png
 (16-bit, 32768 = the pixel decision threshold), DIR/masks/<name>.png (0/255) at each input's
 own size, and with --overlays DIR/overlays/<name>.png. Images stream through in batches, so
@@ -27,11 +27,12 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
+from patchlab.artifacts.store import default_tracking_uri
 from patchlab.data.mvtec import IMAGE_SUFFIXES, read_image
+from patchlab.deploy.engines import ENGINES
 from patchlab.deploy.loading import predictor_from
 from patchlab.deploy.predictor import Prediction, Predictor
-from patchlab.errors import UserError, exit_on_user_error
-from patchlab.tracking.runs import default_tracking_uri
+from patchlab.errors import UserError, command_parser, exit_on_user_error
 
 log = logging.getLogger("patchlab.predict")
 PREDICTIONS_FILE = "predictions.csv"
@@ -150,15 +151,11 @@ def predict_folder(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m patchlab.predict",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = command_parser("predict", __doc__)
     parser.add_argument("source")
     parser.add_argument("inputs", nargs="+", metavar="INPUT")
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--engine", default="torch", choices=["torch", "onnx", "openvino"])
+    parser.add_argument("--engine", default="torch", choices=list(ENGINES))
     parser.add_argument(
         "--batch-size", type=int, default=None, help="default: the run's data.batch_size"
     )

@@ -1,26 +1,20 @@
 """New images -> scores, decisions, anomaly maps and defect masks at the input's resolution.
 
-One path for every consumer (the predict CLI, the MLflow model, the exported graphs): an
-`embed` callable turns preprocessed images into patch embeddings (torch, ONNX Runtime or
-OpenVINO), and everything after it (bank search, reweighting, maps, post-processing) runs
-here, outside any graph, exactly as in the test pass.
+One path for every consumer (the predict CLI, the MLflow model, the exported graphs): the
+run's own detector scores the preprocessed images, as in the test pass (its embedder is the
+torch backbone or an exported graph), and the decisions the run stored turn scores into
+verdicts and masks.
 """
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from patchlab.core.patches import flatten_patches
-from patchlab.core.registry import build
-from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
-from patchlab.core.search import SEARCH_INDEXES
+from patchlab.core.detector import PatchCore
 from patchlab.data.mvtec import ImageTransform
 from patchlab.tuning.postprocess import PostProcessing, binarize
-
-Embed = Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) -> (B, D, h, w)
 
 
 @dataclass(frozen=True)
@@ -98,25 +92,19 @@ def uncrop(crop_maps: torch.Tensor, size: tuple[int, int], resize: int, mode: st
 
 
 class Predictor:
-    """A fitted bank with its preprocessing and decisions, behind any embedding engine."""
+    """A fitted detector with its preprocessing and decisions."""
 
     def __init__(
         self,
-        embed: Embed,
-        bank: torch.Tensor,
-        model: dict,
+        detector: PatchCore,
         preprocessing: dict,
         decisions: Decisions,
         batch_size: int = 16,
     ) -> None:
-        self.embed = embed
+        self.detector = detector
         # The run's test batch: search and convolution rounding depend on the batch, so at
         # this size a run's own test images get bit-identical scores.
         self.batch_size = batch_size
-        index = build(SEARCH_INDEXES, model.get("search", "exact"), "search", **model)
-        self.scorer = NearestNeighbourScorer(model["num_neighbors"], index)
-        self.scorer.fit(bank)
-        self.blur_sigma = float(model["blur_sigma"])
         self.resize = int(preprocessing["resize"])
         self.crop = int(preprocessing["crop_size"])
         self.transform = ImageTransform(
@@ -130,19 +118,15 @@ class Predictor:
         """(B,) image scores, (B, C, C) maps and masks at crop resolution, as the test pass had
         them: the masks are exactly what tuning's post-processing makes of the maps."""
         batch = torch.stack([self.transform.image(image) for image in images])
-        embedding = self.embed(batch.contiguous(memory_format=torch.channels_last))
-        size, (height, width) = len(images), embedding.shape[-2:]
-        patch_scores, image_scores = self.scorer.score(flatten_patches(embedding))
-        grid = patch_scores.reshape(size, height, width)
         post = self.decisions.post
-        maps = anomaly_maps(grid, (self.crop, self.crop), post.sigma if post else self.blur_sigma)
+        scores, maps, _ = self.detector.predict(batch, post.sigma if post else None)
         if post is not None:
             masks = binarize(maps, post)
         elif self.decisions.pixel_threshold is not None:
             masks = maps >= self.decisions.pixel_threshold
         else:
             masks = None
-        return image_scores, maps, masks
+        return scores, maps, masks
 
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor]) -> list[Prediction]:

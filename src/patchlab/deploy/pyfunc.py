@@ -2,13 +2,13 @@
 `mlflow models serve` all score images with it.
 
 Logged as code (`pyfunc_entry.py`, a readable file), not as a pickle, with the bank file as
-its only artifact. Loading it through MLflow runs that file, as every pyfunc load runs the
-model's code; `python -m patchlab.predict models:/NAME@ALIAS` reads only the bank instead.
+its only artifact (the job logs it: `jobs/tracking.py`). Loading it through MLflow runs that
+file, as every pyfunc load runs the model's code; `patchlab predict models:/NAME@ALIAS` reads
+only the bank instead.
 """
 
 import base64
 import io
-import warnings
 from pathlib import Path
 
 import mlflow
@@ -17,15 +17,14 @@ import pandas as pd
 import torch
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
-from omegaconf import DictConfig
 from PIL import Image
 
 from patchlab.data.mvtec import decode_image, read_image
-from patchlab.deploy.loading import load_predictor
+from patchlab.deploy.loading import MODEL_NAME, load_predictor
 from patchlab.deploy.predictor import Prediction
 from patchlab.errors import UserError
 
-MODEL_NAME = "model"  # the logged model's name within its run
+__all__ = ["ENTRY", "MODEL_NAME", "REQUIREMENTS", "SIGNATURE", "PatchCoreModel"]
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
 REQUIREMENTS = ["torch", "torchvision", "timm", "faiss-cpu", "safetensors", "scipy", "pillow"]
 SIGNATURE = ModelSignature(
@@ -95,26 +94,3 @@ class PatchCoreModel(mlflow.pyfunc.PythonModel):
             images = [decode(row) for _, row in frame.iloc[start : start + batch].iterrows()]
             rows += [row_of(p, return_maps) for p in self.predictor.predict(images)]
         return pd.DataFrame(rows)
-
-
-def log_model(bank_path: Path, tracking: DictConfig) -> None:
-    """Logs the pyfunc model to the active run; `tracking.register_model` also registers it
-    and points `tracking.model_alias` at the new version."""
-    if mlflow.active_run() is None:
-        return
-    with warnings.catch_warnings():
-        # An input example would make MLflow load the model and score it while logging; the
-        # explicit signature already says what goes in and out.
-        warnings.filterwarnings("ignore", message=".*input example was not provided")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME,
-            python_model=str(ENTRY),
-            artifacts={"bank": str(bank_path)},
-            signature=SIGNATURE,
-            pip_requirements=REQUIREMENTS,
-        )
-    name = tracking.get("register_model")
-    if name:
-        version = mlflow.register_model(info.model_uri, name)
-        alias = tracking.get("model_alias") or "champion"
-        mlflow.MlflowClient().set_registered_model_alias(name, alias, version.version)

@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from patchlab.artifacts.run_files import TestOutputs
 from patchlab.data.mvtec import Sample, read_image
-from patchlab.outputs import TestOutputs
 
 SELECTIONS = ("failures", "defects", "goods", "all")
 

@@ -1,17 +1,20 @@
-"""Redraws a run's figures from its saved files: no model, no features, no images re-scored.
+"""A run's figures, drawn from what the run computed: no model, no features, no image re-scored.
 
-python -m patchlab.render outputs/bottle/2026-11-28_15-00-00
+The job hands over what it holds in memory (outputs, rankings, decisions); the render command
+reads the same from a run folder's files:
+
+    patchlab render outputs/bottle/2026-11-28_15-00-00
 """
 
-import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.metrics import f1_max
-from patchlab.data.mvtec import ImageTransform
-from patchlab.outputs import (
+from patchlab.artifacts.run_files import (
     CONFIG_FILE,
     OUTPUTS_FILE,
     SCORES_FILE,
@@ -20,6 +23,10 @@ from patchlab.outputs import (
     load_outputs,
     read_samples,
 )
+from patchlab.core.metrics import ALL, Evaluation, evaluate
+from patchlab.core.ranking import RankedCounts
+from patchlab.data.mvtec import ImageTransform, Sample
+from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.image_figures import write_heatmaps
 from patchlab.reporting.run_figures import write_run_figures
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
@@ -28,51 +35,92 @@ HEATMAPS_DIR = "heatmaps"  # per-image figures
 FIGURES_DIR = "figures"  # the run's RUN_FIGURES
 
 
-def render_run(run_dir: Path, outputs: TestOutputs | None = None) -> list[Path]:
-    """Writes heatmaps/ and figures/ in `run_dir` from test_outputs, scores.csv and config.
+@dataclass
+class RunView:
+    """Everything a run's figures are drawn from.
 
-    A caller that still holds the test outputs passes them, rather than have a second copy
-    of every map read back from disk.
+    `image` and `pixel` rank the image scores and the maps (None without masks): the run's
+    metrics sorted them already, and the curves reuse those sorts.
     """
-    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
-    if outputs is None:
-        outputs = load_outputs(run_dir / OUTPUTS_FILE)
-    samples = read_samples(run_dir / SCORES_FILE)
-    display = ImageTransform(
-        cfg.data.resize, cfg.data.crop_size, cfg.data.mean, cfg.data.std
-    ).display
-    tuning_file = run_dir / TUNING_FILE
+
+    outputs: TestOutputs
+    samples: list[Sample]
+    display: Callable[[torch.Tensor], torch.Tensor]
+    image_threshold: float
+    post: PostProcessing | None
+    image: RankedCounts
+    pixel: RankedCounts | None
+
+    @classmethod
+    def of(
+        cls,
+        cfg: DictConfig,
+        outputs: TestOutputs,
+        samples: list[Sample],
+        image_threshold: float,
+        post: PostProcessing | None,
+        evaluation: Evaluation,
+    ) -> "RunView":
+        data = cfg.data
+        display = ImageTransform(data.resize, data.crop_size, data.mean, data.std).display
+        pixel = evaluation.pixel.get(ALL)
+        return cls(outputs, samples, display, image_threshold, post, evaluation.image[ALL], pixel)
+
+
+def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
+    """Writes heatmaps/ and figures/ into `run_dir`; `figures` is the run's `figures` config."""
+    out = view.outputs
     predicted = None
-    threshold = f1_max(outputs.image_scores, outputs.labels)[1]
-    if tuning_file.is_file():
-        tuning = json.loads(tuning_file.read_text())
-        threshold = tuning["image_threshold"]
-        if "post_processing" in tuning:  # absent when tuned without masks (image-only data)
-            post = PostProcessing(**tuning["post_processing"])
-            predicted = binarize(maps_at(outputs, post.sigma), post)
-    figures = cfg.figures
+    if view.post is not None:
+        predicted = binarize(maps_at(out, view.post.sigma), view.post)
     paths = write_heatmaps(
-        outputs,
-        samples,
-        display,
+        out,
+        view.samples,
+        view.display,
         run_dir / HEATMAPS_DIR,
         figures.count,
         figures.selection,
-        threshold,
+        view.image_threshold,
         predicted,
     )
     return paths + write_run_figures(
-        outputs, samples, display, run_dir / FIGURES_DIR, threshold, figures.grid_count
+        out,
+        view.samples,
+        view.display,
+        run_dir / FIGURES_DIR,
+        view.image_threshold,
+        figures.grid_count,
+        view.image,
+        view.pixel,
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def load_run(run_dir: Path) -> tuple[RunView, DictConfig]:
+    """A run folder's view and its `figures` settings, from the files the run wrote."""
+    missing = [n for n in (CONFIG_FILE, OUTPUTS_FILE, SCORES_FILE) if not (run_dir / n).is_file()]
+    if missing:
+        raise UserError(f"{run_dir} is not a finished run folder: it has no {', '.join(missing)}")
+    cfg = OmegaConf.load(run_dir / CONFIG_FILE)
+    outputs = load_outputs(run_dir / OUTPUTS_FILE)
+    masks = outputs.masks if outputs.pixel_labelled else None
+    evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, masks)
+    threshold, post = evaluation.metrics["image_f1_max_threshold"], None
+    if (run_dir / TUNING_FILE).is_file():
+        tuning = json.loads((run_dir / TUNING_FILE).read_text())
+        threshold = tuning["image_threshold"]
+        if "post_processing" in tuning:  # absent when tuned without masks (image-only data)
+            post = PostProcessing(**tuning["post_processing"])
+    samples = read_samples(run_dir / SCORES_FILE)
+    return RunView.of(cfg, outputs, samples, threshold, post, evaluation), cfg.figures
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = command_parser("render", __doc__)
     parser.add_argument("run_dir", type=Path)
-    paths = render_run(parser.parse_args().run_dir)
-    print(f"wrote {len(paths)} figures")
+    run_dir = parser.parse_args(argv).run_dir
+    view, figures = load_run(run_dir)
+    print(f"wrote {len(render_run(run_dir, view, figures))} figures")
 
 
 if __name__ == "__main__":

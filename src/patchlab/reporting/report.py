@@ -1,7 +1,7 @@
 """An HTML and a markdown report of chosen MLflow runs: results against the seed, settings,
 failures, and each run's figures.
 
-    python -m patchlab.report [--experiment patchcore] [--out reports/patchcore]
+    patchlab report [--experiment patchcore] [--out reports/patchcore]
         [--sweep multirun/2026-11-29_10-00-00 | --run-ids ID [ID ...] |
          --filter "params.backbone.name = 'tf_efficientnet_lite2'"]
 
@@ -10,7 +10,6 @@ shows every matching category run, failed ones included. Every number comes from
 the figures are the runs' own artifacts. The HTML embeds its images, so it is one file to share.
 """
 
-import argparse
 import base64
 import html
 import tempfile
@@ -22,7 +21,8 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from patchlab.errors import UserError, exit_on_user_error
+from patchlab.artifacts.store import default_tracking_uri, run_url, ui_url
+from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.render import FIGURES_DIR
 from patchlab.reporting.run_figures import RUN_FIGURES
 from patchlab.reporting.summary import (
@@ -37,7 +37,6 @@ from patchlab.reporting.summary import (
     setting_columns,
     to_markdown,
 )
-from patchlab.tracking.runs import default_tracking_uri, ui_url
 
 CONFIG_PARAMS = (
     "category.name",
@@ -154,7 +153,7 @@ def build_report(
     sections = []
     with tempfile.TemporaryDirectory() as downloads:
         for name, run in zip(table.index.drop("mean"), runs, strict=True):
-            link = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+            link = run_url(base, run.info.experiment_id, run.info.run_id)
             sections.append((str(name), link, _figures(client, run, assets, downloads)))
     header = f"Selection: {selection} ({len(runs)} runs, {client.tracking_uri})."
     (out / "report.md").write_text(_markdown(experiment, header, table, sections, out))
@@ -226,10 +225,8 @@ def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, ass
 
 
 @exit_on_user_error
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def main(argv: list[str] | None = None) -> None:
+    parser = command_parser("report", __doc__)
     parser.add_argument("--experiment", default="patchcore")
     choice = parser.add_mutually_exclusive_group()
     choice.add_argument("--sweep", default=None, help="a multirun folder: every run of it")
@@ -238,7 +235,7 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
     parser.add_argument("--ui-url", default=None, help="run links; default: the server, if any")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/<experiment>")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     uri = args.tracking_uri or default_tracking_uri()
     out = args.out or Path("reports") / args.experiment
     _, markdown, page = build_report(

@@ -8,9 +8,9 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
-from patchlab.core.metrics import RankedCounts, rank
+from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.ranking import RankedCounts
 from patchlab.data.mvtec import Sample, read_image
-from patchlab.outputs import TestOutputs
 from patchlab.reporting.image_figures import showcase_order
 
 # The figures every run gets, in the order reports show them.
@@ -163,12 +163,15 @@ def write_run_figures(
     folder: Path,
     threshold: float,
     grid_count: int,
+    image: RankedCounts,
+    pixel: RankedCounts | None,
 ) -> list[Path]:
-    """Writes RUN_FIGURES as PNGs into `folder`, in that order."""
+    """Writes RUN_FIGURES as PNGs into `folder`, in that order.
+
+    `image` and `pixel` rank the image scores and the maps (None for image-only data): the
+    run's metrics sorted them already.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    image = rank(outputs.image_scores, outputs.labels)
-    # Sorted once for both pixel figures; None for image-only data.
-    pixel = rank(outputs.maps, outputs.masks) if outputs.pixel_labelled else None
     drawers = {
         "score_distributions.png": lambda: score_distributions(outputs, samples, threshold),
         "roc_curves.png": lambda: roc_curves(image, pixel),

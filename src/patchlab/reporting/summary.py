@@ -13,7 +13,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.outputs import CONFIG_FILE, METRICS_FILE
+from patchlab.artifacts.run_files import CONFIG_FILE, METRICS_FILE
 
 # The seed notebook's per-category numbers (EfficientNet-B5, anomalib 0.7), to compare against.
 SEED_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max")

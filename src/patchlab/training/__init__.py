@@ -1,1 +1,1 @@
-"""One job: build backbone, model and trainer from the config, fit, test, evaluate and save."""
+"""The Lightning layer: the data module and the module that fits and tests the detector."""

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from patchlab.artifacts.run_files import TestOutputs
 from patchlab.core.scoring import anomaly_maps
-from patchlab.outputs import TestOutputs
 
 
 @dataclass(frozen=True)

@@ -2,11 +2,11 @@
 
 Anomaly maps are never recomputed from images: trials start from the cached patch-score grids,
 so a trial costs only the post-processing. Without masks (image-only data) only the image
-threshold is tuned: there is no pixel study and no post-processing.
+threshold is tuned: there is no pixel study and no post-processing. Nothing here writes files
+or talks to MLflow: the run's job does, with what `run` returns.
 """
 
 import json
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,10 +15,16 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.metrics import evaluate, f1_max, precision_recall_f1
+from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.metrics import (
+    Evaluation,
+    evaluate,
+    f1_max,
+    precision_recall_f1,
+    prefixed,
+)
+from patchlab.core.ranking import ALL, RankedCounts, rank
 from patchlab.errors import SettingError
-from patchlab.outputs import TUNING_FILE, TestOutputs
-from patchlab.tracking.runs import log_metrics, log_params
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
 from patchlab.tuning.split import stratified_split
 
@@ -51,6 +57,16 @@ class Tuning:
         post = {} if self.post is None else {"post_processing": self.post.as_dict()}
         return post | {"image_threshold": self.image_threshold}
 
+    def params(self) -> dict[str, float]:
+        """The tuned values, flat, as MLflow params."""
+        post = self.post.as_dict() if self.post is not None else {}
+        return post | {"image_threshold": self.image_threshold}
+
+    def summary(self, storage: str | None) -> dict:
+        """tuning.json: the decisions, the metrics, and where the study is stored."""
+        study = {} if self.study is None else {"study": self.study.study_name, "storage": storage}
+        return {**self.travelling(), "metrics": self.metrics, **study}
+
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
     """Post-processing whose 0..1 threshold scale spans these (validation) maps."""
@@ -58,12 +74,12 @@ def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int
     return PostProcessing(sigma=sigma, low=low, high=high, threshold=threshold, **params)
 
 
-def threshold_only(outputs: TestOutputs, sigma: float) -> tuple[PostProcessing, float]:
-    """The exact F1-optimal threshold from the validation precision-recall curve."""
-    maps = maps_at(outputs, sigma)
-    f1, raw = f1_max(maps, outputs.masks)
-    low, high = float(maps.min()), float(maps.max())
-    return normalised(maps, sigma, (raw - low) / max(high - low, 1e-12)), f1
+def threshold_only(ranked: RankedCounts, sigma: float) -> tuple[PostProcessing, float]:
+    """The exact F1-optimal threshold from the validation maps' ranking (maps at `sigma`)."""
+    f1, raw = ranked.f1_max()
+    low, high = float(ranked.thresholds[-1]), float(ranked.thresholds[0])
+    threshold = (raw - low) / max(high - low, 1e-12)
+    return PostProcessing(sigma=sigma, low=low, high=high, threshold=threshold), f1
 
 
 def suggest(trial: optuna.Trial, space: Mapping) -> dict[str, float]:
@@ -84,17 +100,6 @@ def _objective(validation: TestOutputs, space: Mapping):
         return precision_recall_f1(predicted, validation.masks)["f1"]
 
     return objective
-
-
-def split_metrics(prefix: str, part: TestOutputs) -> dict[str, float]:
-    """Threshold-free metrics of one part of the split, named `<prefix>_<metric>`.
-
-    Model selection reads the `val_` ones; the `held_out_` ones report what was chosen on
-    images no choice has seen.
-    """
-    masks = part.masks if part.pixel_labelled else None
-    found = evaluate(part.image_scores, part.labels, part.maps, masks)
-    return _prefixed(prefix, {k: v for k, v in found.items() if not k.endswith("_threshold")})
 
 
 def _prefixed(prefix: str, scores: dict[str, float]) -> dict[str, float]:
@@ -149,11 +154,19 @@ class ThresholdTuning:
         """Good images to hold back from the bank: only synthetic validation needs them."""
         return self.synthetic_images if self.validation == "synthetic" else 0
 
-    def study(self, validation: TestOutputs, baseline_sigma: float, name: str):
+    def split(self, defect_types: list[str]) -> dict[str, torch.Tensor]:
+        """The test set's validation and held-out parts (image indices), stratified by defect
+        type; none for synthetic validation, which holds out the whole test set."""
+        if self.validation == "synthetic":
+            return {}
+        val, held_out = stratified_split(defect_types, self.val_fraction, self.seed)
+        return {"val": val, "held_out": held_out}
+
+    def study(self, validation: TestOutputs, baseline: RankedCounts, sigma: float, name: str):
         """Runs the study on validation data only; returns it, the best post-processing and the
         threshold-only baseline F1 (which the study is seeded with, so it can only match or
-        beat it)."""
-        baseline, baseline_f1 = threshold_only(validation, baseline_sigma)
+        beat it). `baseline` ranks the validation maps at `sigma`."""
+        start, baseline_f1 = threshold_only(baseline, sigma)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if self.storage and self.storage.startswith("sqlite:///"):
             Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +178,7 @@ class ThresholdTuning:
             sampler=optuna.samplers.TPESampler(seed=self.seed),
         )
         # The threshold-only optimum, in the search space's own terms (morphology off).
-        study.enqueue_trial({knob: getattr(baseline, knob) for knob in self.search_space})
+        study.enqueue_trial({knob: getattr(start, knob) for knob in self.search_space})
         study.optimize(
             _objective(validation, self.search_space),
             n_trials=self.n_trials,
@@ -177,26 +190,34 @@ class ThresholdTuning:
     def run(
         self,
         outputs: TestOutputs,
-        defect_types: list[str],
-        baseline_sigma: float,
+        evaluation: Evaluation,
+        parts: dict[str, torch.Tensor],
+        sigma: float,
         name: str,
-        validation: TestOutputs | None = None,
+        synthetic: TestOutputs | None = None,
     ) -> Tuning:
-        """Tunes on a validation set and reports honest figures on images it never saw.
+        """Tunes on validation images and reports honest figures on images it never saw.
 
-        Without `validation`, the test set is split (stratified) and its other part is held
-        out; with one (e.g. synthetic anomalies on held-back good images) the whole test set
-        is. Pixel figures appear only for parts with masks.
+        `evaluation` holds the test set's metrics and rankings, for its `parts` (`split`) too;
+        its maps are at `sigma`. With `synthetic` validation (CutPaste copies of held-back
+        good images) the whole test set is held out. Pixel figures appear only for parts with
+        masks.
         """
-        if validation is None:
-            val_index, test_index = stratified_split(defect_types, self.val_fraction, self.seed)
-            validation, held_out = outputs.subset(val_index), outputs.subset(test_index)
+        if synthetic is None:
+            validation = outputs.subset(parts["val"])
+            held_out = outputs.subset(parts["held_out"])
+            ranked, metrics = evaluation.pixel.get("val"), {}
         else:
-            held_out = outputs
-        study, post, metrics = None, None, {}
+            validation, held_out = synthetic, outputs
+            masks = synthetic.masks if synthetic.pixel_labelled else None
+            found = evaluate(synthetic.image_scores, synthetic.labels, synthetic.maps, masks)
+            ranked = found.pixel.get(ALL)
+            metrics = prefixed("val", found.metrics) | prefixed("held_out", evaluation.metrics)
+        study, post = None, None
         if validation.pixel_labelled:
-            study, post, baseline_f1 = self.study(validation, baseline_sigma, name)
-            metrics = {
+            ranked = ranked or rank(validation.maps, validation.masks)
+            study, post, baseline_f1 = self.study(validation, ranked, sigma, name)
+            metrics |= {
                 "val_pixel_f1_tuned": study.best_value,
                 "val_pixel_f1_threshold_only": baseline_f1,
             }
@@ -205,58 +226,9 @@ class ThresholdTuning:
                 metrics |= _prefixed("pixel", precision_recall_f1(predicted, held_out.masks))
         _, image_threshold = f1_max(validation.image_scores, validation.labels)
         decisions = held_out.image_scores >= image_threshold
-        metrics |= split_metrics("val", validation) | split_metrics("held_out", held_out)
         metrics |= {
             "image_f1": precision_recall_f1(decisions, held_out.labels)["f1"],
             "val_images": float(len(validation.labels)),
             "held_out_images": float(len(held_out.labels)),
         }
         return Tuning(post, image_threshold, metrics, study)
-
-    def run_and_log(
-        self,
-        outputs: TestOutputs,
-        defect_types: list[str],
-        output_dir: Path,
-        baseline_sigma: float,
-        name: str,
-        param_prefix: str = "tuned",
-        validation: TestOutputs | None = None,
-    ) -> Tuning:
-        """Tunes, writes tuning.json and the study plots, and logs both to the active MLflow
-        run. MLflow params cannot change once logged, so a re-tune logs under its own
-        `param_prefix`."""
-        tuning = self.run(outputs, defect_types, baseline_sigma, name, validation)
-        summary = {**tuning.travelling(), "metrics": tuning.metrics}
-        if tuning.study is not None:
-            summary |= {"study": tuning.study.study_name, "storage": self.storage}
-            save_plots(tuning.study, output_dir / "tuning")
-        (output_dir / TUNING_FILE).write_text(json.dumps(summary, indent=2))
-        params = tuning.travelling().get("post_processing", {})
-        params |= {"image_threshold": tuning.image_threshold}
-        log_params({f"{param_prefix}.{k}": v for k, v in params.items()})
-        log_metrics(tuning.metrics)
-        return tuning
-
-
-def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's optimisation history and parameter importances as PNGs."""
-    import matplotlib
-    from matplotlib import pyplot
-    from optuna.visualization import matplotlib as plots
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    # Optuna's plots switch matplotlib to its ggplot style globally; rc_context undoes that so
-    # every later figure looks the same whether or not tuning ran before it.
-    with warnings.catch_warnings(), matplotlib.rc_context():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        for name, plot in (
-            ("optuna_history.png", plots.plot_optimization_history),
-            ("optuna_importances.png", plots.plot_param_importances),
-        ):
-            axis = plot(study)
-            axis.figure.savefig(folder / name, dpi=90, bbox_inches="tight")
-            pyplot.close(axis.figure)
-            paths.append(folder / name)
-    return paths

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from patchlab.outputs import TestOutputs
+from patchlab.artifacts.run_files import TestOutputs
 
 # (B, 3, H, W) images -> (B,) image scores, (B, H, W) maps, (B, h, w) patch scores
 Predict = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -48,4 +48,5 @@ def synthetic_validation(
     parts = [predict(chunk) for chunk in inputs.split(batch_size)]
     scores, maps, grids = (torch.cat(column) for column in zip(*parts, strict=True))
     labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
-    return TestOutputs(scores, labels, maps, all_masks, grids)
+    known = torch.ones(len(labels), dtype=torch.bool)  # every pasted pixel is known
+    return TestOutputs(scores, labels, maps, all_masks, grids, known)

@@ -2,7 +2,7 @@
 
 import pytorch_lightning as pl
 
-from patchlab.training.stages import enter
+from patchlab.jobs.stages import enter
 
 
 class StageMarks(pl.Callback):

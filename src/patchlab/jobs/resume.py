@@ -11,10 +11,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from patchlab.artifacts.run_files import CONFIG_FILE, METRICS_FILE, write_json
+from patchlab.artifacts.store import tracking_uri
 from patchlab.errors import UserError
-from patchlab.outputs import CONFIG_FILE, METRICS_FILE, write_json
+from patchlab.jobs.tracking import config_hash
 from patchlab.reporting.summary import RESUMED_FILE
-from patchlab.tracking.runs import config_hash, tracking_uri
 
 
 def finished_run(cfg: DictConfig) -> Run | None:

@@ -3,9 +3,8 @@
 SLURM sends SIGTERM before it kills a preempted or timed-out job, and a user presses Ctrl+C.
 Either must end the MLflow run as KILLED with its stage, log what was already computed, and
 leave no file that looks finished; that needs the stop to arrive as an exception in the main
-thread, while the job is working, and not at all while that cleanup runs.
-
-No Lightning here: MLflow glue and the reading tools import this module.
+thread, while the job is working, and not at all while that cleanup runs. Long compiled work
+(the coreset selection) asks `check` between its steps.
 """
 
 import logging
@@ -105,6 +104,11 @@ def stop_if_received(stage: str = "before start") -> None:
     """Raises Interrupted if a stop signal came already: a sweep starts no job after one."""
     if _received is not None:
         raise Interrupted(_received, stage)
+
+
+def check() -> None:
+    """The detector's stop callback: raises Interrupted, in the current stage, after a signal."""
+    stop_if_received(_stage)
 
 
 @contextmanager

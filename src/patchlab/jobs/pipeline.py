@@ -1,4 +1,4 @@
-"""One category, end to end: check data, build the bank, test, write and log the results."""
+"""One category, end to end: check data, build the bank, test, tune, write and log the results."""
 
 import ctypes
 import ctypes.util
@@ -9,27 +9,26 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.metrics import evaluate
-from patchlab.data.datamodule import AnomalyDataModule
-from patchlab.deploy.pyfunc import log_model
-from patchlab.outputs import (
-    BANK_FILE,
+from patchlab.artifacts.bank import BANK_FILE, UNFINISHED_BANK_FILE, bank_digest, save_bank
+from patchlab.artifacts.run_files import (
     CONFIG_FILE,
     METRICS_FILE,
     OUTPUTS_FILE,
     SCORES_FILE,
-    UNFINISHED_BANK_FILE,
-    bank_digest,
-    save_bank,
+    TUNING_FILE,
     save_outputs,
     write_json,
     write_scores_csv,
 )
-from patchlab.reporting.render import render_run
-from patchlab.tracking.runs import log_datasets, log_metrics, log_tags
-from patchlab.training import stages
-from patchlab.training.build import build
-from patchlab.training.lightning_module import PatchCore, expected_warnings_silenced
+from patchlab.core.detector import PatchCore
+from patchlab.core.metrics import evaluate
+from patchlab.jobs import stages
+from patchlab.jobs.build import build
+from patchlab.jobs.tracking import NO_RUN, RunLog
+from patchlab.reporting.render import RunView, render_run
+from patchlab.reporting.study_figures import write_study_figures
+from patchlab.training.datamodule import AnomalyDataModule
+from patchlab.training.lightning_module import expected_warnings_silenced
 from patchlab.tuning.synthetic import synthetic_validation
 
 log = logging.getLogger(__name__)
@@ -80,70 +79,73 @@ def untuned_decisions(metrics: dict[str, float]) -> dict:
     return decisions | {"thresholds_from": "test set F1-max (threshold=none)"}
 
 
-def run(cfg: DictConfig, output_dir: Path) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
+def run(
+    cfg: DictConfig, output_dir: Path, run_log: RunLog = NO_RUN
+) -> tuple[dict[str, float], PatchCore, AnomalyDataModule]:
     """Fits and tests one category.
 
     The bank is saved as unfinished before testing, so a failure keeps it; the final bank and
     then metrics.json are written once everything else is, so their presence means the run
-    finished. Only the MLflow model is logged after them, with stop signals held.
+    finished. Only the MLflow model (which then holds the bank) is logged after them.
     """
     release_freed_memory()
     stages.enter("setup")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    datamodule, model, trainer, tuning = build(cfg)
-    splits = {"train": datamodule.train_samples, "test": datamodule.test_samples}
-    log_datasets(cfg.category.name, splits)
+    datamodule, module, trainer, tuning = build(cfg, stages.check)
+    detector, samples = module.detector, datamodule.test_samples
+    run_log.datasets(cfg.category.name, {"train": datamodule.train_samples, "test": samples})
     start = time.perf_counter()
     with expected_warnings_silenced():
-        trainer.fit(model, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule)
     fit_seconds = time.perf_counter() - start
-    bank_size = float(sum(len(bank) for bank in model.banks))
-    log_metrics({"fit_seconds": fit_seconds, "bank_size": bank_size})
-    log_tags({"bank_sha256": bank_digest(model.banks)})
+    bank_size = float(sum(len(bank) for bank in detector.banks))
+    run_log.metrics({"fit_seconds": fit_seconds, "bank_size": bank_size})
+    run_log.tags({"bank_sha256": bank_digest(detector.banks)})
     unfinished = output_dir / UNFINISHED_BANK_FILE
-    save_bank(model.banks, cfg, unfinished, statistics=model.statistics)
+    save_bank(detector.banks, cfg, unfinished, statistics=detector.statistics)
     start = time.perf_counter()
     with expected_warnings_silenced():
-        trainer.test(model, datamodule=datamodule, verbose=False)
+        trainer.test(module, datamodule=datamodule, verbose=False)
     test_seconds = time.perf_counter() - start
-    out = model.outputs
+    out = module.outputs
     save_outputs(out, output_dir / OUTPUTS_FILE)
+    parts = tuning.split([sample.defect_type for sample in samples]) if tuning else {}
     masks = out.masks if out.pixel_labelled else None  # image-only: pixel metrics left out
-    metrics = evaluate(out.image_scores, out.labels, out.maps, masks) | {
+    evaluation = evaluate(out.image_scores, out.labels, out.maps, masks, parts)
+    metrics = evaluation.metrics | {
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
         "bank_size": bank_size,
         "peak_rss_mb": peak_rss_mb(),
     }
-    log_metrics(metrics)
+    run_log.metrics(metrics)
+    decisions, found = untuned_decisions(metrics), None
     if tuning is not None:
         stages.enter("tuning")
-        defect_types = [sample.defect_type for sample in datamodule.test_samples]
-        validation = None
+        synthetic = None
         if datamodule.holdout_samples:
             images = datamodule.holdout_images()
-            validation = synthetic_validation(model.predict, images, cfg.seed)
+            synthetic = synthetic_validation(detector.predict, images, cfg.seed)
         name = f"{cfg.category.name}:{output_dir.resolve()}"
-        found = tuning.run_and_log(
-            out, defect_types, output_dir, cfg.model.blur_sigma, name, validation=validation
-        )
+        found = tuning.run(out, evaluation, parts, cfg.model.blur_sigma, name, synthetic)
         metrics |= found.metrics
         decisions = found.travelling() | {"thresholds_from": "validation (threshold=optuna)"}
-    else:
-        decisions = untuned_decisions(metrics)
+        write_json(found.summary(tuning.storage), output_dir / TUNING_FILE)
+        run_log.params({f"tuned.{key}": value for key, value in found.params().items()})
+        run_log.metrics(found.metrics)
     stages.enter("writing results")
-    write_scores_csv(out, datamodule.test_samples, output_dir / SCORES_FILE)
-    render_run(output_dir, out)
-    save_bank(model.banks, cfg, output_dir / BANK_FILE, decisions, model.statistics)
+    write_scores_csv(out, samples, output_dir / SCORES_FILE)
+    post = found.post if found is not None else None
+    view = RunView.of(cfg, out, samples, decisions["image_threshold"], post, evaluation)
+    render_run(output_dir, view, cfg.figures)
+    if found is not None and found.study is not None:
+        write_study_figures(found.study, output_dir)
+    save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics)
     unfinished.unlink()
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
-    log_metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
+    run_log.metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
     write_json(metrics, output_dir / METRICS_FILE)
-    if model.is_ensemble:
-        log.warning("Not logging a servable model: predict and export take one backbone")
-    else:
-        with stages.held():  # an upload of the finished bank: not cut in half
-            log_model(output_dir / BANK_FILE, cfg.tracking)
+    run_log.model(output_dir / BANK_FILE, cfg.tracking)
     log.info("%s: %s", cfg.category.name, result_line(metrics))
-    return metrics, model, datamodule
+    return metrics, detector, datamodule

@@ -11,24 +11,21 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from mlflow.entities import RunStatus
-from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 from pandas import DataFrame
 
-from patchlab.outputs import write_json
-from patchlab.reporting.summary import FAILED_FILE, KILLED_FILE, failures, write_summary
-from patchlab.tracking.runs import (
-    PARENT_RUN_FILE,
+from patchlab.artifacts.run_files import write_json
+from patchlab.artifacts.store import runs_view_url, tracking_uri, ui_url
+from patchlab.jobs import stages
+from patchlab.jobs.tracking import (
     describe,
-    experiment_id,
+    fail_sweep_run,
+    finish_sweep_run,
     first_error,
     parent_run_id,
-    runs_view_url,
-    tracking_uri,
-    ui_url,
+    start_sweep_run,
 )
-from patchlab.training import stages
+from patchlab.reporting.summary import FAILED_FILE, KILLED_FILE, failures, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -53,51 +50,29 @@ def _record(fields: dict, path: Path) -> None:
     write_json(fields, path)
 
 
-def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
-    """Creates the sweep's parent run and leaves its id in the sweep dir for the jobs."""
-    client = MlflowClient(tracking_uri(config.tracking))
-    tags = {"sweep": str(sweep_dir.resolve()), "summary": "true"}
-    run = client.create_run(
-        experiment_id(config.tracking), run_name=f"sweep {sweep_dir.name}", tags=tags
-    )
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    (sweep_dir / PARENT_RUN_FILE).write_text(run.info.run_id)
-    return run.info.run_id
+def sweep_results(
+    table: DataFrame, picked: DataFrame | None
+) -> tuple[dict[str, float], dict[str, str], str]:
+    """The parent run's metrics, tags and end status from the sweep's summary table.
 
-
-def finish_sweep_run(
-    config: DictConfig,
-    run_id: str,
-    table: DataFrame,
-    picked: DataFrame | None,
-    paths: list[Path],
-) -> None:
-    """Logs the summary on the parent run; KILLED when a stop signal cut the sweep short, else
-    FAILED when any category failed.
-
-    A model-selection sweep also gets the picked job as a tag and its numbers as
-    `selected_<metric>`.
+    Metrics carry the jobs' own names, so the parent's row in the runs table shows the sweep's
+    means; a model-selection sweep also gets the picked job as a tag and its numbers as
+    `selected_<metric>`. KILLED when a stop signal cut the sweep short, else FAILED when any
+    category failed.
     """
-    client = MlflowClient(tracking_uri(config.tracking))
-    # Under the jobs' own names, so the parent's row in the runs table shows the sweep's mean.
     means = {k: float(v) for k, v in table.loc["mean"].items() if isinstance(v, float) and v == v}
     statuses = table.drop(index="mean")["status"]
     failed, killed = int((statuses == "FAILED").sum()), int((statuses == "KILLED").sum())
+    tags = {}
     if picked is not None:
         best = picked.iloc[0]
-        client.set_tag(run_id, "selected_job", str(picked.index[0]))
+        tags["selected_job"] = str(picked.index[0])
         means |= {f"selected_{k}": float(v) for k, v in best.items() if isinstance(v, float)}
-    counts = {"failed_categories": failed, "killed_categories": killed}
-    for key, value in (means | counts).items():
-        client.log_metric(run_id, key, value)
-    for path in paths:
-        client.log_artifact(run_id, str(path))
-    status = RunStatus.FAILED if failed else RunStatus.FINISHED
+    metrics = means | {"failed_categories": failed, "killed_categories": killed}
+    status = "FAILED" if failed else "FINISHED"
     if killed or stages.received() is not None:
-        status = RunStatus.KILLED
-    client.set_terminated(run_id, RunStatus.to_string(status))
-    experiment = client.get_run(run_id).info.experiment_id
-    log.info("Compare the runs: %s", runs_view_url(ui_url(client.tracking_uri), experiment))
+        status = "KILLED"
+    return metrics, tags, status
 
 
 class SweepSummary(Callback):
@@ -123,11 +98,14 @@ class SweepSummary(Callback):
             table, picked, paths = write_summary(sweep_dir)
         except Exception:
             if run_id:  # never leave the sweep's run looking as if it were still going
-                MlflowClient(tracking_uri(config.tracking)).set_terminated(run_id, "FAILED")
+                fail_sweep_run(config, run_id)
             raise
         log.info("Sweep summary:\n%s", paths[1].read_text())
         if run_id:
-            finish_sweep_run(config, run_id, table, picked, paths)
+            metrics, tags, status = sweep_results(table, picked)
+            experiment = finish_sweep_run(config, run_id, metrics, tags, paths, status)
+            view = runs_view_url(ui_url(tracking_uri(config.tracking)), experiment)
+            log.info("Compare the runs: %s", view)
         failed = [name for name, _, _ in failures(table)]
         # Hydra turns a callback's exception into a warning; a sweep with failures must
         # still exit non-zero for the scripts and CI jobs that launch it.

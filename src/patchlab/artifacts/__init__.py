@@ -1,0 +1,1 @@
+"""What a run leaves behind: its folder's files, the memory bank file, and the MLflow store."""

@@ -1,0 +1,99 @@
+"""Re-tune an existing MLflow run from its cached maps, without re-extracting any features.
+
+    patchlab tune RUN_ID [--n-trials 200] [--tracking-uri sqlite:///mlruns/mlflow.db]
+
+Reads the run's `test_outputs.safetensors`, `scores.csv` and `config.yaml`, runs the study
+again, and logs the tuned parameters, metrics and plots back to the same run, under
+`retuned_<time>.*` params (MLflow params cannot change once logged). A run trained with
+`threshold=none` is tuned with the defaults of `threshold=optuna`.
+"""
+
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+from hydra.utils import instantiate
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig, OmegaConf
+
+from patchlab.artifacts.run_files import (
+    CONFIG_FILE,
+    OUTPUTS_FILE,
+    SCORES_FILE,
+    TUNING_FILE,
+    load_outputs,
+    write_json,
+)
+from patchlab.artifacts.store import default_tracking_uri
+from patchlab.core.metrics import evaluate
+from patchlab.errors import UserError, command_parser, exit_on_user_error
+from patchlab.jobs.tracking import existing_run
+from patchlab.reporting.study_figures import write_study_figures
+from patchlab.tuning.study import ThresholdTuning, Tuning
+
+PART_METRICS = ("val_", "held_out_")
+
+
+def tuning_of(cfg: DictConfig) -> ThresholdTuning:
+    """The run's own tuning settings, or the defaults (seeded and stored as the run was)."""
+    if cfg.get("threshold") is not None:
+        return instantiate(cfg.threshold)
+    storage = f"sqlite:///{Path(cfg.tracking.root).resolve() / 'optuna.db'}"
+    return ThresholdTuning(seed=cfg.seed, storage=storage)
+
+
+def retune(folder: Path, tuning: ThresholdTuning, cfg: DictConfig) -> Tuning:
+    """Tunes again from the run files in `folder`, writing tuning.json and plots into it."""
+    with (folder / SCORES_FILE).open() as file:
+        defect_types = [row["defect_type"] for row in csv.DictReader(file)]
+    outputs = load_outputs(folder / OUTPUTS_FILE)
+    tuning.validation = "test_split"  # the held-back images of synthetic validation are gone
+    parts = tuning.split(defect_types)
+    masks = outputs.masks if outputs.pixel_labelled else None
+    evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, masks, parts)
+    name = f"{cfg.category.name}:{folder.resolve()}"
+    found = tuning.run(outputs, evaluation, parts, cfg.model.blur_sigma, name)
+    found.metrics |= {k: v for k, v in evaluation.metrics.items() if k.startswith(PART_METRICS)}
+    write_json(found.summary(tuning.storage), folder / TUNING_FILE)
+    if found.study is not None:
+        write_study_figures(found.study, folder)
+    return found
+
+
+@exit_on_user_error
+def main(argv: list[str] | None = None) -> None:
+    parser = command_parser("tune", __doc__)
+    parser.add_argument("run_id")
+    parser.add_argument("--n-trials", type=int, default=None, help="default: the run's config")
+    parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
+    args = parser.parse_args(argv)
+    uri = args.tracking_uri or default_tracking_uri()
+    client = MlflowClient(uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "retune"
+        local.mkdir()
+        try:
+            for name in (OUTPUTS_FILE, SCORES_FILE, CONFIG_FILE):
+                client.download_artifacts(args.run_id, name, str(local))
+        except mlflow.exceptions.MlflowException as error:
+            raise UserError(f"Could not read run {args.run_id} at {uri}: {error}") from error
+        cfg = OmegaConf.load(local / CONFIG_FILE)
+        tuning = tuning_of(cfg)
+        if args.n_trials is not None:
+            tuning.n_trials = args.n_trials
+        found = retune(local, tuning, cfg)
+        for name in (OUTPUTS_FILE, SCORES_FILE, CONFIG_FILE):
+            (local / name).unlink()
+        with existing_run(uri, args.run_id) as run_log:
+            prefix = f"retuned_{time.strftime('%Y%m%dT%H%M%S')}"
+            run_log.params({f"{prefix}.{k}": v for k, v in found.params().items()})
+            run_log.metrics(found.metrics)
+            run_log.artifacts(local, "retune")
+    print(json.dumps(found.metrics | found.travelling(), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""What one Hydra job does: a category trained, tested and logged, or reused, or recorded as
+failed or killed so that the rest of a sweep goes on."""
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from patchlab.errors import UserError
+from patchlab.jobs import stages
+from patchlab.jobs.build import check_settings
+from patchlab.jobs.pipeline import run
+from patchlab.jobs.resume import finished_run, reuse
+from patchlab.jobs.sweep import record_failure, record_killed
+from patchlab.jobs.tracking import tracked_run
+
+log = logging.getLogger(__name__)
+
+
+def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[str, float]:
+    """With resume=true, a FINISHED run of the same config answers for the job."""
+    if cfg.get("resume"):
+        found = finished_run(cfg)
+        if found is not None:
+            log.info("resume=true: reusing finished run %s", found.info.run_id)
+            return reuse(found, cfg, output_dir)
+    # MLflow's own requests (open, params, artifacts) stay outside: a stop waits for them.
+    with tracked_run(cfg, output_dir, sweep) as run_log, stages.interruptible():
+        metrics, _, _ = run(cfg, output_dir, run_log)
+    return metrics
+
+
+def job(cfg: DictConfig) -> float:
+    """Returns `optimized_metric` so a Hydra sweeper can optimise it.
+
+    In a multirun a failing category is recorded (MLflow run FAILED, failed.json) and the
+    sweep goes on; its summary names the failure. SIGTERM or SIGINT ends the job's run as
+    KILLED (killed.json in a sweep); a single run then exits with 128 + the signal number.
+    """
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    stages.catch_stop_signals()
+    try:
+        check_settings(cfg)
+        stages.stop_if_received()
+        metrics = run_or_reuse(cfg, output_dir, sweep)
+    except (stages.Interrupted, Exception) as error:
+        stop = stages.stopped_by(error)
+        if sweep is None:
+            if stop is None:
+                raise
+            tracked = "; its MLflow run is KILLED" if cfg.tracking.enabled else ""
+            log.error("Run %s%s", stop, tracked)
+            raise SystemExit(stop.exit_code) from None
+        if stop is None:
+            record_failure(output_dir, error)
+        else:
+            record_killed(output_dir, stop)
+        return float("nan")
+    if cfg.optimized_metric not in metrics:  # checked after logging: the run itself is kept
+        raise UserError(
+            f"optimized_metric={cfg.optimized_metric!r} is not a metric of this run; "
+            f"it has {sorted(metrics)}"
+        )
+    return metrics[cfg.optimized_metric]

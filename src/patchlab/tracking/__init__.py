@@ -1,1 +1,0 @@
-"""MLflow runs (one per category job) and the Hydra multirun glue that nests them in a sweep."""
