@@ -18,7 +18,7 @@ from pathlib import Path
 
 from playwright.sync_api import Page, sync_playwright
 
-from patchlab.tracking.runs import runs_view_url
+from patchlab.artifacts.store import runs_view_url
 
 
 def free_port() -> int:
