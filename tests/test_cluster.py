@@ -31,7 +31,7 @@ MACHINE_METRICS = {"fit_seconds", "test_seconds", "peak_rss_mb"}
 def sweep(root: Path, out: Path, *args: str) -> Path:
     """train.py -m over NAMES, as the docs run it; returns the sweep dir."""
     command = train_command(root, out, "-m", f"category.name={','.join(NAMES)}", *args)
-    command += ["data.resize=32", "data.crop_size=32"]
+    command += ["data.geometry.resize=32", "data.geometry.crop_size=32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / "multirun"
@@ -179,7 +179,7 @@ def test_sigterm_in_coreset_selection_kills_the_run_and_resume_reruns_only_it(
     # Large enough that its coreset selection takes seconds: the signal lands inside it.
     make_category(root, "hinge", size=160, train=120, good=1, defects=1, seed=1)
     command = train_command(root, tmp_path, "-m", "category.name=gear,hinge")
-    command += ["data.resize=160", "data.crop_size=160"]
+    command += ["data.geometry.resize=160", "data.geometry.crop_size=160"]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
     )

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from helpers.synthetic import make_category, make_folder_layout
+from patchlab.data.geometry import CenterCrop
 from patchlab.training.datamodule import FolderDataModule, MVTecDataModule
 
 
@@ -18,7 +19,9 @@ def category(tmp_path: Path) -> Path:
 
 
 def setup(root: Path, name: str = "part", **kwargs) -> MVTecDataModule:
-    datamodule = MVTecDataModule(str(root), name, resize=48, crop_size=32, num_workers=0, **kwargs)
+    datamodule = MVTecDataModule(
+        str(root), name, geometry=CenterCrop(48, 32), num_workers=0, **kwargs
+    )
     datamodule.setup()
     return datamodule
 
@@ -37,7 +40,7 @@ def test_grayscale_and_odd_sizes_are_converted(tmp_path: Path) -> None:
     category = make_category(tmp_path, "gray", size=40, train=2, good=1, defects=1)
     for path in category.glob("train/good/*.png"):
         Image.open(path).convert("L").resize((60, 40)).save(path)
-    image = MVTecDataModule(str(tmp_path), "gray", resize=48, crop_size=32, num_workers=0)
+    image = MVTecDataModule(str(tmp_path), "gray", geometry=CenterCrop(48, 32), num_workers=0)
     image.setup()
     assert next(iter(image.train_dataloader()))["image"].shape == (2, 3, 32, 32)
 
@@ -86,7 +89,7 @@ def test_corrupt_image_is_named(category: Path) -> None:
 
 def test_crop_larger_than_resize_is_rejected(category: Path) -> None:
     with pytest.raises(ValueError, match="crop_size"):
-        MVTecDataModule(str(category.parent), "part", resize=32, crop_size=48)
+        CenterCrop(resize=32, crop_size=48)
 
 
 def test_good_only_test_set_loads(category: Path) -> None:
@@ -118,7 +121,7 @@ def test_a_defect_type_missing_from_ground_truth_is_an_error(category: Path) -> 
 
 
 def folder(root: Path, **kwargs) -> FolderDataModule:
-    datamodule = FolderDataModule(str(root), resize=48, crop_size=32, num_workers=0, **kwargs)
+    datamodule = FolderDataModule(str(root), geometry=CenterCrop(48, 32), num_workers=0, **kwargs)
     datamodule.setup()
     return datamodule
 

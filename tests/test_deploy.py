@@ -78,14 +78,14 @@ def check_predict_matches_the_run(trained: TrainedRun, out: Path, tolerance: flo
         mask = np.array(Image.open(out / "masks" / name))
         assert mask.shape == np.array(Image.open(path)).shape[:2]
         assert int(row["defect_area_px"]) == int((mask == 255).sum())
-    # At crop resolution, in the run's batches (convolution rounding depends on the batch),
+    # At input resolution, in the run's batches (convolution rounding depends on the batch),
     # scores, maps and masks are exactly the test pass's and tuning's post-processing of them.
     predictor = load_predictor(trained.out / BANK_FILE)
     outputs = load_outputs(trained.out / "test_outputs.safetensors")
     post = PostProcessing(**trained.tuning["post_processing"])
     images = [read_image(Path(p)) for p in trained.scores]
     batch = OmegaConf.load(trained.out / "config.yaml").data.batch_size
-    parts = [predictor.crop_results(images[i : i + batch]) for i in range(0, len(images), batch)]
+    parts = [predictor.input_results(images[i : i + batch]) for i in range(0, len(images), batch)]
     scores, maps, masks = (torch.cat(column) for column in zip(*parts, strict=True))
     assert torch.equal(scores, outputs.image_scores)
     assert torch.equal(maps, maps_at(outputs, post.sigma))
@@ -254,8 +254,8 @@ def real_bottle(real_data_root: Path, tmp_path_factory: pytest.TempPathFactory) 
         real_data_root,
         tmp,
         "backbone=efficientnet_lite2",
-        "data.resize=256",
-        "data.crop_size=224",
+        "data.geometry.resize=256",
+        "data.geometry.crop_size=224",
         "data.batch_size=32",
         "data.num_workers=2",
         "model.coreset_ratio=0.01",

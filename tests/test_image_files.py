@@ -10,14 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from patchlab.data.mvtec import (
-    MASK_LEVEL,
-    ImageTransform,
-    MVTecDataset,
-    Sample,
-    image_size,
-    read_image,
-)
+from patchlab.data.geometry import CenterCrop
+from patchlab.data.mvtec import MVTecDataset, Sample, image_size, read_image
+from patchlab.data.preprocessing import MASK_LEVEL, Preprocessing
 
 SETTINGS = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -102,7 +97,7 @@ def test_exif_orientation_is_applied(tmp_path, size, seed, orientation) -> None:
 
 def test_a_one_pixel_image_goes_through_the_transform(tmp_path: Path) -> None:
     path = saved(Image.new("RGB", (1, 1), (200, 10, 10)), tmp_path / "dot.png")
-    image = ImageTransform(64, 56, [0.5] * 3, [0.5] * 3).image(read_image(path))
+    image = Preprocessing(CenterCrop(64, 56), [0.5] * 3, [0.5] * 3).image(read_image(path))
     assert image.shape == (3, 56, 56)
 
 
@@ -123,7 +118,7 @@ def test_mask_values_other_than_0_and_255_split_at_half_way(tmp_path, size, seed
     mask = saved(Image.fromarray(values), tmp_path / "000_mask.png")
     crop = min(size)
     dataset = MVTecDataset(
-        [Sample(image, "crack", mask)], ImageTransform(crop, crop, [0.5] * 3, [0.5] * 3)
+        [Sample(image, "crack", mask)], Preprocessing(CenterCrop(crop, crop), [0.5] * 3, [0.5] * 3)
     )
     got = dataset[0]["mask"].numpy()
     assert set(np.unique(got)) <= {0, 1}

@@ -137,8 +137,8 @@ def test_folder_layout_from_real_bottle(real_data_root: Path, tmp_path: Path) ->
             "data.normal_test_dir=test_good",
             "category.name=bottle_parts",
             "backbone=efficientnet_lite2",
-            "data.resize=256",
-            "data.crop_size=224",
+            "data.geometry.resize=256",
+            "data.geometry.crop_size=224",
             "model.coreset_ratio=0.01",
         ]
     )
@@ -177,6 +177,9 @@ def test_mask_known_round_trips(tmp_path: Path) -> None:
         "patch_scores": torch.rand(3, 2, 2),
     }
     known = torch.tensor([True, False, False])
-    save_outputs(TestOutputs(**columns, mask_known=known), tmp_path / "new.safetensors")
+    valid = torch.ones(3, 8, 8, dtype=torch.bool)
+    save_outputs(
+        TestOutputs(**columns, mask_known=known, valid=valid), tmp_path / "new.safetensors"
+    )
     loaded = load_outputs(tmp_path / "new.safetensors")
     assert torch.equal(loaded.mask_known, known) and not loaded.pixel_labelled

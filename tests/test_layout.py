@@ -20,7 +20,7 @@ ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "core": {"errors"},  # PatchCore in plain torch: features, coreset, search, scoring, metrics
     "data": {"errors"},  # image files: scanning, decoding, transforms, download
-    "artifacts": {"errors", "data"},  # a run's files, the bank file, the store's location
+    "artifacts": {"errors", "core", "data"},  # a run's files, the bank file, the store
     "tuning": {"errors", "core", "artifacts"},  # split, post-processing, the Optuna study
     "deploy": {"errors", "core", "data", "artifacts", "tuning"},  # the detector in use
     "reporting": {"errors", "core", "data", "artifacts", "tuning"},  # figures, summaries

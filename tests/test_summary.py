@@ -90,8 +90,12 @@ def test_report_selects_by_filter_and_names_runs_apart(two_bottle_runs: Path) ->
     table, markdown, page = build_report(client, "patchcore", two_bottle_runs / "all", None)
     assert list(table.index) == ["bottle", "mean"]  # default: newest finished per category
     assert table.loc["bottle", "coreset_ratio"] == "0.5"
+    assert table.loc["bottle", "geometry"] == "64/64"  # rebuilt from the logged params
     table, markdown, page = build_report(
-        client, "patchcore", two_bottle_runs / "both", filter_string="params.data.resize = '64'"
+        client,
+        "patchcore",
+        two_bottle_runs / "both",
+        filter_string="params.data.geometry.resize = '64'",
     )
     names = list(table.index.drop("mean"))
     assert len(names) == 2 and all(n.startswith("bottle resnet18 r0.") for n in names)

@@ -148,7 +148,11 @@ def test_fifteen_category_sweep_lands_in_the_store_and_the_ui(tmp_path) -> None:
     for seed, name in enumerate(MVTEC_CATEGORIES):
         make_category(root, name, size=32, train=4, good=1, defects=1, seed=seed)
     command = train_command(root, tmp_path, "-m", "category=glob(*)")
-    command += ["data.resize=32", "data.crop_size=32", f"tracking.root={tmp_path}/mlruns"]
+    command += [
+        "data.geometry.resize=32",
+        "data.geometry.crop_size=32",
+        f"tracking.root={tmp_path}/mlruns",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "multirun"
@@ -186,7 +190,7 @@ def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None
     for image in (root / "hinge" / "train" / "good").iterdir():
         image.unlink()
     command = train_command(root, tmp_path, "-m", "category.name=gear,hinge,valve")
-    command += ["data.resize=32", "data.crop_size=32"]
+    command += ["data.geometry.resize=32", "data.geometry.crop_size=32"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1, result.stderr[-3000:]
     _, runs = sweep_runs(tmp_path / "mlruns")

@@ -24,6 +24,7 @@ from patchlab.core.coreset import CoresetSampler, Stop
 from patchlab.core.detector import PatchCore
 from patchlab.core.features import FeatureExtractor
 from patchlab.core.search import SearchIndex, nearest_neighbours
+from patchlab.data.geometry import Geometry
 from patchlab.errors import UserError
 from patchlab.jobs.build import check_settings
 from patchlab.jobs.pipeline import run
@@ -169,8 +170,8 @@ def test_an_unknown_option_fails_at_composition_naming_its_group(synthetic_root)
 
 def test_banks_may_build_exactly_the_classes_the_configs_name() -> None:
     named = set()
-    for group in BUILT_GROUPS:
-        for path in (ROOT / "conf" / group).glob("*.yaml"):
+    for group in BUILT_GROUPS:  # data.geometry is composed from conf/geometry/
+        for path in (ROOT / "conf" / group.removeprefix("data.")).glob("*.yaml"):
             named |= {
                 line.split(":", 1)[1].strip()
                 for line in path.read_text().splitlines()
@@ -199,10 +200,11 @@ def test_every_config_file_builds_what_its_group_promises(path: Path, synthetic_
     if group == "category":
         assert OmegaConf.to_container(OmegaConf.load(path)) == {"name": option}
         return
-    if group == "resolution":  # settings of data: the two sizes, and a crop that fits
-        written = OmegaConf.load(path)
-        assert set(written) == {"resize", "crop_size"} and written.crop_size <= written.resize
-        assert "@package data" in path.read_text()
+    if group == "geometry":  # data.geometry: a geometry class and its arguments
+        assert "@package data.geometry" in path.read_text()
+        config = compose_config([f"data.root={synthetic_root}", f"geometry={option}"])
+        check_settings(config)
+        assert isinstance(instantiate(config.data.geometry), Geometry)
         return
     if group == "preset":  # a whole-config preset, added with +preset=NAME: it must compose
         assert "@package _global_" in path.read_text()

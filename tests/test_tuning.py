@@ -65,6 +65,7 @@ def synthetic_outputs(speckle: bool, seed: int = 0) -> TestOutputs:
         masks,
         scores.clone(),
         torch.ones(count, dtype=torch.bool),
+        torch.ones(count, size, size, dtype=torch.bool),
     )
 
 
@@ -196,10 +197,10 @@ def test_model_selection_sweep_picks_by_validation_and_reports_held_out(tmp_path
     root = tmp_path / "parts"
     make_category(root, "gear", size=64, train=8, good=4, defects=4, seed=0)
     flags = ["-m", "--config-dir", "sweeps", "--config-name", "model_selection"]
-    command = train_command(root, tmp_path, *flags, "category.name=gear", "resolution=seed")
+    command = train_command(root, tmp_path, *flags, "category.name=gear", "geometry=seed")
     command += ["backbone.layers=[layer2,layer3]", "model.coreset_ratio=0.5"]
-    command += ["model.blur_sigma=1,4,8", "threshold.n_trials=4", "data.resize=64"]
-    command += ["data.crop_size=64"]
+    command += ["model.blur_sigma=1,4,8", "threshold.n_trials=4", "data.geometry.resize=64"]
+    command += ["data.geometry.crop_size=64"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     sweep_dir = tmp_path / "multirun"

@@ -18,8 +18,8 @@ REAL_DATA = ROOT.parent / "shared" / "data" / "mvtec_ad"
 TEST_OVERRIDES = [
     "backbone=resnet18",
     "backbone.pretrained=false",
-    "data.resize=64",
-    "data.crop_size=64",
+    "data.geometry.resize=64",
+    "data.geometry.crop_size=64",
     "data.batch_size=4",
     "data.num_workers=0",
     "model.coreset_ratio=0.25",
@@ -43,7 +43,11 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
     (a test's own `tracking.root=` still wins).
     """
     store = [f"tracking.root={SESSION_STORE[0]}"] if SESSION_STORE else []
-    return copy.deepcopy(_composed(tuple(TEST_OVERRIDES + store + (overrides or []))))
+    overrides = overrides or []
+    base = TEST_OVERRIDES
+    if any(o.startswith("geometry=") for o in overrides):  # its own sizes, not the crop's
+        base = [o for o in base if not o.startswith("data.geometry.")]
+    return copy.deepcopy(_composed(tuple(base + store + overrides)))
 
 
 def train_command(root: Path, tmp_path: Path, *args: str) -> list[str]:

@@ -24,9 +24,10 @@ MVTEC_CATEGORIES = [
 ]
 
 
-def texture(rng: np.random.Generator, size: int) -> np.ndarray:
+def texture(rng: np.random.Generator, size: int | tuple[int, int]) -> np.ndarray:
     """A striped, slightly noisy RGB texture: every good image looks alike, never identical."""
-    ys, xs = np.mgrid[0:size, 0:size]
+    height, width = (size, size) if isinstance(size, int) else size
+    ys, xs = np.mgrid[0:height, 0:width]
     phase = rng.uniform(0, 2 * np.pi)
     stripes = 0.5 + 0.25 * np.sin(xs / 3.0 + phase) * np.cos(ys / 5.0)
     base = np.stack([stripes, stripes * 0.8 + 0.1, 0.6 - stripes * 0.3], axis=-1)
@@ -91,3 +92,44 @@ def make_folder_layout(
         if masks:
             Image.fromarray(mask).save(root / "masks" / f"d{i:03d}.png")
     return root
+
+
+def make_shaped_category(
+    root: Path,
+    name: str,
+    sizes: list[tuple[int, int]],
+    defect_box: tuple[float, float, float, float],
+    train: int = 8,
+    good: int = 3,
+    defects: int = 4,
+    seed: int = 0,
+) -> Path:
+    """A category of (height, width) `sizes`, used in turn; each defect is a bright square
+    placed inside `defect_box` = (top, left, bottom, right) as fractions of the image."""
+    rng = np.random.default_rng(seed)
+    category = root / name
+    folders = ("train/good", "test/good", "test/blob", "ground_truth/blob")
+    for folder in folders:
+        (category / folder).mkdir(parents=True)
+    for i in range(train):
+        image = texture(rng, sizes[i % len(sizes)])
+        Image.fromarray(image).save(category / "train" / "good" / f"{i:03d}.png")
+    for i in range(good):
+        image = texture(rng, sizes[(i + 1) % len(sizes)])
+        Image.fromarray(image).save(category / "test" / "good" / f"{i:03d}.png")
+    for i in range(defects):
+        height, width = sizes[i % len(sizes)]
+        image, mask = texture(rng, (height, width)), np.zeros((height, width), np.uint8)
+        side = max(6, min(height, width) // 6)
+        top, left, bottom, right = defect_box
+        y = int(
+            rng.integers(int(top * height), max(int(bottom * height) - side, int(top * height) + 1))
+        )
+        x = int(
+            rng.integers(int(left * width), max(int(right * width) - side, int(left * width) + 1))
+        )
+        image[y : y + side, x : x + side] = (255, 255, 255)
+        mask[y : y + side, x : x + side] = 255
+        Image.fromarray(image).save(category / "test" / "blob" / f"{i:03d}.png")
+        Image.fromarray(mask).save(category / "ground_truth" / "blob" / f"{i:03d}_mask.png")
+    return category

@@ -22,7 +22,7 @@ BANK_FILE = "memory_bank.safetensors"
 UNFINISHED_BANK_FILE = "memory_bank.unfinished.safetensors"
 # What loading builds from a bank's config: exactly the `_target_`s of conf/backbone,
 # conf/model and conf/search (a test keeps them equal). Anything else is refused unbuilt.
-BUILT_GROUPS = ("backbone", "model", "search")
+BUILT_GROUPS = ("backbone", "model", "search", "data.geometry")
 ALLOWED_TARGETS = frozenset(
     {
         "patchlab.core.backbones.create_feature_extractor",
@@ -30,8 +30,12 @@ ALLOWED_TARGETS = frozenset(
         "patchlab.core.detector.PatchCore",
         "patchlab.core.search.ExactIndex",
         "patchlab.core.search.IVFIndex",
+        "patchlab.data.geometry.CenterCrop",
+        "patchlab.data.geometry.Resize",
+        "patchlab.data.geometry.Fit",
     }
 )
+IGNORE_KEY = "ignore_mask"  # the (H, W) uint8 ignore mask, when the run had one
 
 
 def bank_key(member: int) -> str:
@@ -45,13 +49,15 @@ def save_bank(
     path: Path,
     extra: dict | None = None,
     statistics: list[tuple[float, float]] | None = None,
+    ignore: torch.Tensor | None = None,
 ) -> None:
     """Writes every member's (M, D) bank plus the resolved config, so loading needs nothing
     but this file.
 
     Members after the first are `memory_bank.1`, `memory_bank.2`, ...; an ensemble's normal
     statistics (mean, std per member) go in the `statistics` metadata. `extra` holds JSON-able
-    results that travel with the bank (the decisions: thresholds, post-processing).
+    results that travel with the bank (the decisions: thresholds, post-processing); `ignore`
+    is the run's ignore mask, which predict applies too.
     """
     data = OmegaConf.to_container(cfg.data, resolve=True)
     layers = cfg.backbone.get("layers")
@@ -61,13 +67,15 @@ def save_bank(
         "feature_dim": str(banks[0].shape[1]),
         "bank_size": str(banks[0].shape[0]),
         "seed": str(cfg.seed),
-        "preprocessing": json.dumps({k: data[k] for k in ("resize", "crop_size", "mean", "std")}),
+        "preprocessing": json.dumps({k: data[k] for k in ("geometry", "mean", "std")}),
         "config": OmegaConf.to_yaml(cfg, resolve=True),
         "extra": json.dumps(extra or {}),
     }
     if statistics:
         metadata["statistics"] = json.dumps(statistics)
     tensors = {bank_key(i): b.detach().cpu().contiguous() for i, b in enumerate(banks)}
+    if ignore is not None:
+        tensors[IGNORE_KEY] = ignore.to(torch.uint8).contiguous()
     with written_atomically(path) as partial:
         save_file(tensors, str(partial), metadata=metadata)
 
@@ -84,11 +92,19 @@ def bank_digest(banks: list[torch.Tensor]) -> str:
 def read_banks(path: Path) -> tuple[list[torch.Tensor], list[tuple[float, float]], dict[str, str]]:
     """Every member's bank, the members' normal statistics (empty for one backbone), metadata."""
     with safe_open(str(path), framework="pt") as file:
-        count = len(list(file.keys()))
+        names = list(file.keys())  # a safetensors file is no dict: list its names
+        count = sum(name.startswith(bank_key(0)) for name in names)
         banks = [file.get_tensor(bank_key(i)) for i in range(count)]
         metadata = file.metadata()
     statistics = [tuple(s) for s in json.loads(metadata.get("statistics", "[]"))]
     return banks, statistics, metadata
+
+
+def read_ignore(path: Path) -> torch.Tensor | None:
+    """The (H, W) bool ignore mask stored with the bank, if the run had one."""
+    with safe_open(str(path), framework="pt") as file:
+        names = list(file.keys())
+        return file.get_tensor(IGNORE_KEY).bool() if IGNORE_KEY in names else None
 
 
 def _targets(node: object, path: str) -> list[tuple[str, object]]:
@@ -116,7 +132,7 @@ def bank_config(path: Path, metadata: dict[str, str]) -> DictConfig:
     except Exception as error:
         raise UserError(f"{path}: its 'config' metadata is not valid YAML: {error}") from error
     for group in BUILT_GROUPS:
-        node = cfg.get(group)
+        node = OmegaConf.select(cfg, group)
         if node is None:
             raise UserError(f"{path}: its config has no '{group}' section")
         for where, target in _targets(OmegaConf.to_container(node), group):

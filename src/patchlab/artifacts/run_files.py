@@ -9,12 +9,12 @@ import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
+from patchlab.core.outputs import TestOutputs
 from patchlab.data.mvtec import Sample
 
 OUTPUTS_FILE = "test_outputs.safetensors"
@@ -42,29 +42,6 @@ def written_atomically(path: Path) -> Iterator[Path]:
 def write_json(data: dict, path: Path) -> None:
     with written_atomically(path) as partial:
         partial.write_text(json.dumps(data, indent=2))
-
-
-@dataclass
-class TestOutputs:
-    """Everything the test pass produced, in dataset order, for metrics, figures and tuning."""
-
-    image_scores: torch.Tensor  # (N,)
-    labels: torch.Tensor  # (N,)
-    maps: torch.Tensor  # (N, H, W) anomaly maps at crop resolution
-    masks: torch.Tensor  # (N, H, W) uint8 ground truth; zeros where not `mask_known`
-    patch_scores: torch.Tensor  # (N, h, w) before upsampling and blur: what tuning re-blurs
-    mask_known: torch.Tensor  # (N,) bool: pixels labelled (goods always, defects with a mask)
-
-    __test__ = False  # a data class, not a pytest test class
-
-    @property
-    def pixel_labelled(self) -> bool:
-        """Whether pixel metrics can be computed: False in image-only mode."""
-        return bool(self.mask_known.all())
-
-    def subset(self, index: torch.Tensor) -> "TestOutputs":
-        """The images at `index`, e.g. a validation split."""
-        return TestOutputs(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
 
 
 def save_outputs(outputs: TestOutputs, path: Path) -> None:

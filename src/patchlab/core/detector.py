@@ -5,7 +5,8 @@ The test pass, `predict`, the exported engines and the MLflow model all score th
 the torch backbones here, or an ONNX Runtime / OpenVINO graph of the same modules.
 """
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,9 +15,10 @@ from patchlab.core.backbones import BackboneEnsemble
 from patchlab.core.coreset import CoresetSampler, Stop
 from patchlab.core.ensemble import combine_grids, normal_statistics, standardised
 from patchlab.core.features import FeatureExtractor
-from patchlab.core.patches import Embedder, TorchEmbedder, flatten_patches
+from patchlab.core.patches import Embedder, TorchEmbedder, flatten_patches, grid_validity
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import ExactIndex, SearchIndex
+from patchlab.core.tiles import Tiling
 from patchlab.errors import SettingError
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -33,14 +35,12 @@ class PatchCore(nn.Module):
             (set `embedder` before predicting).
         sampler: Chooses the bank from all training patches; only `fit` needs one.
         search: Makes one nearest-neighbour index per member (a class or a partial).
-        coreset_ratio: Fraction of training patches kept in the memory bank.
         num_neighbors: Bank neighbourhood size of the image-score reweighting.
-        patch_size: Neighbourhood averaged into each patch embedding.
         embedding_dim: Pool patch embeddings to this many channels (None keeps them all).
-        blur_sigma: Gaussian sigma (pixels) applied to the upsampled anomaly map.
         feature_dtype: Storage of training patches before coreset selection.
-        forward_chunk: Images per backbone forward.
         seed: Seeds the coreset's projection and first pick, and the ensemble statistics.
+        tile_size, tile_overlap: Embed each input as overlapping square tiles of this many
+            pixels (for high-resolution parts; see `core/tiles.py`); None: the whole input.
     """
 
     def __init__(
@@ -56,6 +56,8 @@ class PatchCore(nn.Module):
         feature_dtype: str = "float32",
         forward_chunk: int = 8,
         seed: int = 0,
+        tile_size: int | None = None,
+        tile_overlap: int = 32,
     ) -> None:
         super().__init__()
         if not 0 < coreset_ratio <= 1:
@@ -72,6 +74,7 @@ class PatchCore(nn.Module):
         self.blur_sigma, self.seed = blur_sigma, seed
         self.feature_dtype = FEATURE_DTYPES[feature_dtype]
         NearestNeighbourScorer(num_neighbors)  # checks num_neighbors before any work
+        self.tiling = Tiling(tile_size, tile_overlap) if tile_size is not None else None
         self.scorers: list[NearestNeighbourScorer] = []
         self.banks: list[torch.Tensor] = []
         self.statistics: list[tuple[float, float]] = []  # ensembles: each member's normal scale
@@ -84,10 +87,16 @@ class PatchCore(nn.Module):
         """Rows kept from `patches` training patches."""
         return max(1, int(patches * self.coreset_ratio))
 
-    def check_bank_size(self, train_images: int, image_size: int) -> None:
+    def units(self, size: tuple[int, int]) -> list[tuple[int, int]]:
+        """The (H, W) pieces each input of `size` is embedded as: itself, or its tiles."""
+        tiles = self.tiling and [(self.tiling.size,) * 2] * len(self.tiling.positions(*size))
+        return tiles or [size]
+
+    def check_bank_size(self, train_images: int, size: tuple[int, int]) -> None:
         """Fails before feature extraction when the search would need more bank than exists."""
         for stride in self.embedder.strides:
-            patches = train_images * (image_size // stride) ** 2
+            cells = sum(math.ceil(h / stride) * math.ceil(w / stride) for h, w in self.units(size))
+            patches = train_images * cells
             self._scorer().check_bank_size(self.bank_size(patches), patches)
 
     def _scorer(self) -> NearestNeighbourScorer:
@@ -96,6 +105,17 @@ class PatchCore(nn.Module):
     def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
         """(B, 3, H, W) images -> each member's (B, D, h, w) patch embeddings."""
         return self.embedder.embed(images)
+
+    def training_patches(
+        self, images: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
+        """Each member's embeddings of the batch (tile by tile when tiling), with the pixel
+        validity they cover: what `PatchCollector.add` takes."""
+        if self.tiling is None:
+            yield self.embed(images), valid
+            return
+        for _, tile, tile_valid in self.tiling.crops(images, valid):
+            yield self.embed(tile), tile_valid
 
     def fit(self, features: list[torch.Tensor], stop: Stop | None = None) -> None:
         """Selects each member's bank from its (N, D) training patches and indexes it.
@@ -134,20 +154,41 @@ class PatchCore(nn.Module):
 
     @torch.inference_mode()
     def predict(
-        self, images: torch.Tensor, sigma: float | None = None
+        self, images: torch.Tensor, sigma: float | None = None, valid: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) images -> (B,) image scores, (B, H, W) maps, (B, h, w) patch scores.
 
-        Maps are blurred at `sigma`, by default `blur_sigma`.
+        Maps are blurred at `sigma`, by default `blur_sigma`. Pixels outside (B, H, W) bool
+        `valid` (padding, ignored regions) are not scored: NaN in maps and patch scores, never
+        an image's top patch. With tiling, tiles are scored one at a time, their grids averaged
+        where they overlap, and the image score is the highest tile's.
         """
         if not self.banks:
             raise RuntimeError("The memory bank is empty: fit the detector or load a bank first")
+        if valid is not None and bool(valid.all()):
+            valid = None
+        if self.tiling is None:
+            image_score, grid = self._score(images, valid)
+        else:
+            image_score, grid = self.tiling.score(images, valid, self._score)
+        scored = None if valid is None else ~torch.isnan(grid)
+        sigma = self.blur_sigma if sigma is None else sigma
+        maps = anomaly_maps(grid, tuple(images.shape[-2:]), sigma, scored)
+        if valid is not None:
+            maps = maps.masked_fill(~valid.to(maps.device), float("nan"))
+        return image_score, maps, grid
+
+    def _score(
+        self, images: torch.Tensor, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B,) image scores and the (B, h, w) patch-score grid of the finest member."""
         grids, image_scores = [], []
         for member, (embedding, scorer) in enumerate(
             zip(self.embed(images), self.scorers, strict=True)
         ):
             batch, _, height, width = embedding.shape
-            patch_scores, scores = scorer.score(flatten_patches(embedding))
+            cells = None if valid is None else grid_validity(valid, (height, width)).flatten(1)
+            patch_scores, scores = scorer.score(flatten_patches(embedding), cells)
             grid = patch_scores.reshape(batch, height, width)
             if self.is_ensemble:
                 stats = self.statistics[member]
@@ -155,7 +196,4 @@ class PatchCore(nn.Module):
             grids.append(grid)
             image_scores.append(scores)
         grid = combine_grids(grids) if self.is_ensemble else grids[0]
-        image_score = torch.stack(image_scores).mean(0)
-        size = tuple(images.shape[-2:])
-        maps = anomaly_maps(grid, size, self.blur_sigma if sigma is None else sigma)
-        return image_score, maps, grid
+        return torch.stack(image_scores).mean(0), grid

@@ -48,13 +48,24 @@ def combine_grids(grids: list[torch.Tensor]) -> torch.Tensor:
     """Averages (B, h_i, w_i) standardised patch-score grids on the finest of them.
 
     Members with coarser grids are resized bilinearly first, as deeper layers are within
-    one member.
+    one member; cells a member did not score (NaN) are left out of its resize and the mean.
     """
     size = max((grid.shape[-2:] for grid in grids), key=lambda shape: shape[0] * shape[1])
-    resized = [
-        grid
-        if grid.shape[-2:] == size
-        else F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-        for grid in grids
-    ]
-    return torch.stack(resized).mean(0)
+    resized = [grid if grid.shape[-2:] == size else _resized(grid, size) for grid in grids]
+    stacked = torch.stack(resized)
+    return stacked.nanmean(0) if bool(torch.isnan(stacked).any()) else stacked.mean(0)
+
+
+def _resized(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear; NaN cells (not scored) are left out, NaN where no scored cell reaches."""
+
+    def bilinear(values: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(values[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    scored = ~torch.isnan(grid)
+    if bool(scored.all()):
+        return bilinear(grid)
+    weight = bilinear(scored.float())
+    return torch.where(
+        weight > 1e-6, bilinear(grid.nan_to_num(0.0)) / weight.clamp(min=1e-6), float("nan")
+    )

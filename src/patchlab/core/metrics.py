@@ -1,4 +1,4 @@
-"""Image and pixel metrics: AUROC, F1-max and AUPRO, on crop-resolution maps."""
+"""Image and pixel metrics: AUROC, F1-max and AUPRO, on input-resolution maps."""
 
 import warnings
 from dataclasses import dataclass
@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import ALL, RankedCounts, rank, rank_parts
 
 
@@ -93,21 +94,33 @@ def evaluate(
     maps: torch.Tensor,
     masks: torch.Tensor | None,
     parts: dict[str, torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> Evaluation:
     """All test metrics of one category, keyed by the names used in metrics.json and MLflow.
 
     Without `masks` (image-only data) the pixel metrics are left out, not set to NaN or 0.
     Each of `parts` (image indices, e.g. a validation split) adds `<part>_<metric>` figures
-    from the same sorts.
+    from the same sorts. Pixels outside (N, H, W) `valid` (padding, ignored regions) are in
+    no pixel metric; `masks` must be 0 there.
     """
     parts = parts or {}
+    valid = None if valid is None or bool(valid.all()) else valid
     image = rank_parts(image_scores, labels, parts)
-    pixel = rank_parts(maps, masks, parts) if masks is not None else {}
+    pixel = rank_parts(maps, masks, parts, valid) if masks is not None else {}
     metrics = _metrics(image[ALL], pixel.get(ALL), maps, masks)
     for name, index in parts.items():
         part_maps, part_masks = (maps[index], masks[index]) if masks is not None else (maps, None)
         metrics |= prefixed(name, _metrics(image[name], pixel.get(name), part_maps, part_masks))
     return Evaluation(metrics, image, pixel)
+
+
+def evaluate_outputs(
+    outputs: TestOutputs, parts: dict[str, torch.Tensor] | None = None
+) -> Evaluation:
+    """`evaluate` on a test pass: pixel metrics only where it has masks, on scored pixels."""
+    masks = outputs.masks if outputs.pixel_labelled else None
+    image_scores, labels, maps = outputs.image_scores, outputs.labels, outputs.maps
+    return evaluate(image_scores, labels, maps, masks, parts, outputs.valid)
 
 
 def prefixed(part: str, metrics: dict[str, float]) -> dict[str, float]:

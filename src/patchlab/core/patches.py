@@ -44,6 +44,12 @@ def flatten_patches(embedding: torch.Tensor) -> torch.Tensor:
     return embedding.flatten(2).transpose(1, 2)
 
 
+def grid_validity(valid: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) pixel validity -> (B, h, w): a patch counts when most of its pixels do."""
+    pooled = F.interpolate(valid[:, None].float(), size=grid, mode="area")[:, 0]
+    return pooled >= 0.5
+
+
 class PatchEmbedding(nn.Module):
     """Backbone plus patch aggregation as one module: (B, 3, H, W) -> (B, D, h, w).
 
@@ -119,20 +125,28 @@ class TorchEmbedder(nn.Module):
 
 
 class PatchCollector:
-    """Every member's training patches, in (N, D) buffers allocated at the first batch."""
+    """Every member's training patches, in (N, D) buffers allocated at the first batch.
 
-    def __init__(self, images: int, dtype: torch.dtype = torch.float32) -> None:
-        self.images, self.dtype = images, dtype
+    Args:
+        units: Images (times tiles per image) that will be added; sizes the buffers.
+    """
+
+    def __init__(self, units: int, dtype: torch.dtype = torch.float32) -> None:
+        self.units, self.dtype = units, dtype
         self.buffers: list[torch.Tensor] = []
         self.filled: list[int] = []
 
-    def add(self, embeddings: list[torch.Tensor]) -> None:
-        """Appends one batch: each member's (B, D, h, w) embeddings."""
+    def add(self, embeddings: list[torch.Tensor], valid: torch.Tensor | None = None) -> None:
+        """Appends one batch: each member's (B, D, h, w) embeddings; with (B, H, W) pixel
+        `valid`, only the patches of valid pixels (padding and ignored regions stay out)."""
         for member, embedding in enumerate(embeddings):
             patches = flatten_patches(embedding)
+            per_unit = patches.shape[1]
             patches = patches.reshape(-1, patches.shape[-1])
+            if valid is not None:
+                patches = patches[grid_validity(valid, embedding.shape[-2:]).flatten()]
             if len(self.buffers) == member:
-                total = self.images * len(patches) // len(embedding)
+                total = self.units * per_unit
                 self.buffers.append(torch.empty(total, patches.shape[1], dtype=self.dtype))
                 self.filled.append(0)
             start = self.filled[member]

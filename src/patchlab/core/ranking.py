@@ -67,28 +67,37 @@ def _counted(scores: torch.Tensor, positive: torch.Tensor) -> RankedCounts:
 
 
 def rank_parts(
-    scores: torch.Tensor, labels: torch.Tensor, parts: dict[str, torch.Tensor] | None = None
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    parts: dict[str, torch.Tensor] | None = None,
+    valid: torch.Tensor | None = None,
 ) -> dict[str, RankedCounts]:
     """Sorts (N, ...) scores once; counts for all of them ("all") and for each part.
 
     A part is a tensor of image indices (along the first axis), e.g. the validation half of
     a split. Its counts come from the same sort: the part's scores in that order are its own
     descending order, and counts at each distinct score do not depend on how ties are ordered.
-    Selections go through numpy: torch's boolean indexing first builds int64 indices, which
-    on 4M pixels is a 33 MB transient per selection.
+    Elements outside `valid` (pixels not scored) are in no count. Selections go through numpy:
+    torch's boolean indexing first builds int64 indices, which on 4M pixels is a 33 MB
+    transient per selection.
     """
     if scores.dtype != torch.float64:  # float64 input keeps its precision; maps are float32
         scores = scores.float()
     per_image = scores[0].numel() if len(scores) else 1
-    ordered, order = scores.flatten().sort(descending=True)
-    positive = labels.flatten()[order].bool()
+    flat, truth, where = scores.flatten(), labels.flatten(), None
+    if valid is not None:
+        keep = valid.flatten().numpy()
+        where = torch.from_numpy(keep.nonzero()[0])  # each kept element's flat position
+        flat, truth = torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(truth.numpy()[keep])
+    ordered, order = flat.sort(descending=True)
+    positive = truth[order].bool()
     member = None
     if parts:
         owner = torch.zeros(len(scores), dtype=torch.int8)
         for number, index in enumerate(parts.values(), start=1):
             owner[index] = number
-        member = owner[order // per_image].numpy()
-    del order  # int64, the largest buffer: free it before the next allocations
+        member = owner[(order if where is None else where[order]) // per_image].numpy()
+    del order, where  # int64, the largest buffers: free them before the next allocations
     ranked = {ALL: _counted(ordered, positive)}
     for number, name in enumerate(parts or {}, start=1):
         chosen = member == number
@@ -98,6 +107,8 @@ def rank_parts(
     return ranked
 
 
-def rank(scores: torch.Tensor, labels: torch.Tensor) -> RankedCounts:
+def rank(
+    scores: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor | None = None
+) -> RankedCounts:
     """Sorts scores once and counts positives and negatives above each distinct score."""
-    return rank_parts(scores, labels)[ALL]
+    return rank_parts(scores, labels, valid=valid)[ALL]

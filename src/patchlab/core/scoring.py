@@ -48,17 +48,26 @@ class NearestNeighbourScorer:
         self.bank = bank.float().contiguous()
         self.index.fit(self.bank)
 
-    def score(self, embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def score(
+        self, embeddings: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps (B, P, D) patch embeddings to (B, P) patch scores and (B,) image scores.
 
-        Scoring runs where the bank is: on a GPU when the model was fitted there.
+        With (B, P) bool `valid`, the other patches (padding, ignored regions) get a NaN score
+        and never become the image's top patch. Scoring runs where the bank is: on a GPU when
+        the model was fitted there.
         """
         embeddings = embeddings.to(self.bank.device)
         batch, patches, dim = embeddings.shape
         distances, nearest = self.index.search(embeddings.reshape(-1, dim), 1)
         patch_scores = distances.reshape(batch, patches)
         nearest = nearest.reshape(batch, patches)
+        if valid is not None:
+            valid = valid.to(patch_scores.device)
+            patch_scores = patch_scores.masked_fill(~valid, float("-inf"))
         top_score, top_patch = patch_scores.max(1)
+        if valid is not None:
+            patch_scores = patch_scores.masked_fill(~valid, float("nan"))
         if self.num_neighbors == 1:
             return patch_scores, top_score
         rows = torch.arange(batch, device=patch_scores.device)
@@ -89,7 +98,10 @@ def _upsample_blur_operator(size_in: int, size_out: int, sigma: float) -> torch.
 
 
 def anomaly_maps(
-    patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0
+    patch_scores: torch.Tensor,
+    size: tuple[int, int],
+    sigma: float = 4.0,
+    scored: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, h, w) patch-score grids -> (B, H, W) pixel maps, bilinearly upsampled then blurred.
 
@@ -97,9 +109,17 @@ def anomaly_maps(
     separately, so the whole map is R @ grid @ C.T with two small (H x h), (W x w) operators:
     two tiny matmuls per image instead of a full-size upsample and two 33-tap convolutions,
     about 30x faster and equal to that pipeline up to float rounding.
+
+    With (B, h, w) bool `scored`, the other cells (NaN: padding, ignored regions) are left
+    out: the map is the blur of the scored cells divided by the blur of their weight
+    (normalised convolution), NaN where no scored cell reaches.
     """
     (height, width), (rows, cols) = size, patch_scores.shape[-2:]
-    row_op = _upsample_blur_operator(rows, height, sigma)
-    col_op = _upsample_blur_operator(cols, width, sigma)
     device = patch_scores.device
-    return row_op.to(device) @ patch_scores.float() @ col_op.to(device).t()
+    row_op = _upsample_blur_operator(rows, height, sigma).to(device)
+    col_op = _upsample_blur_operator(cols, width, sigma).to(device).t()
+    if scored is None:
+        return row_op @ patch_scores.float() @ col_op
+    weight = row_op @ scored.float() @ col_op
+    total = row_op @ patch_scores.float().nan_to_num(0.0) @ col_op
+    return torch.where(weight > 1e-6, total / weight.clamp(min=1e-6), float("nan"))

@@ -16,21 +16,24 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from patchlab.data.preprocessing import Preprocessing
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GOOD = "good"
 WIDE_GRAY = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
 EXIF_ORIENTATION = 0x0112
 TRANSPOSED = {5, 6, 7, 8}  # EXIF orientations that swap width and height
-MASK_LEVEL = 128
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One image on disk; `mask` is None for good images and in image-only data."""
+    """One image on disk; `mask` is None for good images and in image-only data. `size` is
+    (height, width) once upright, as the scan read it."""
 
     image: Path
     defect_type: str
     mask: Path | None = None
+    size: tuple[int, int] | None = None
 
     @property
     def label(self) -> int:
@@ -76,16 +79,15 @@ def image_size(path: Path) -> tuple[int, int]:
     return (size[1], size[0]) if turned else size
 
 
-def decodable(images: list[Path]) -> list[Path]:
-    """`images`, each checked to decode in full."""
-    for path in images:
-        image_size(path)
-    return images
+def upright_size(path: Path) -> tuple[int, int]:
+    """(height, width) once upright; the file checked to decode (see `image_size`)."""
+    width, height = image_size(path)
+    return height, width
 
 
 def good_samples(images: list[Path]) -> list[Sample]:
     """Good samples of `images`, each checked to decode."""
-    return [Sample(path, GOOD) for path in decodable(images)]
+    return [Sample(path, GOOD, size=upright_size(path)) for path in images]
 
 
 def pair_masks(images: list[Path], defect_type: str, mask_dir: Path | None) -> list[Sample]:
@@ -94,7 +96,7 @@ def pair_masks(images: list[Path], defect_type: str, mask_dir: Path | None) -> l
     `mask_dir` None means image-only data; otherwise every image needs a mask of its size.
     """
     if mask_dir is None:
-        return [Sample(path, defect_type) for path in decodable(images)]
+        return [Sample(path, defect_type, size=upright_size(path)) for path in images]
     masks = (
         {p.stem.removesuffix("_mask"): p for p in list_images(mask_dir)}
         if mask_dir.is_dir()
@@ -109,13 +111,12 @@ def pair_masks(images: list[Path], defect_type: str, mask_dir: Path | None) -> l
             raise ValueError(
                 f"Defect image {path} has no mask; expected {mask_dir}/{path.stem}_mask.png"
             )
-        mask = masks[path.stem]
-        if image_size(path) != image_size(mask):
+        mask, size = masks[path.stem], upright_size(path)
+        if upright_size(mask) != size:
             raise ValueError(
-                f"Mask {mask} is {image_size(mask)} but its image {path} is {image_size(path)} "
-                "(W, H)"
+                f"Mask {mask} is {upright_size(mask)} but its image {path} is {size} (H, W)"
             )
-        samples.append(Sample(path, defect_type, mask))
+        samples.append(Sample(path, defect_type, mask, size))
     return samples
 
 
@@ -156,27 +157,6 @@ def scan_test(category_dir: Path) -> list[Sample]:
     return samples
 
 
-class ImageTransform:
-    """Resize, center crop and normalise images; masks go through the same geometry, nearest."""
-
-    def __init__(self, resize: int, crop_size: int, mean: list[float], std: list[float]) -> None:
-        self.image = v2.Compose(
-            [
-                v2.Resize(resize, antialias=True),
-                v2.CenterCrop(crop_size),
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(mean, std),
-            ]
-        )
-        self.mask = v2.Compose(
-            [
-                v2.Resize(resize, interpolation=v2.InterpolationMode.NEAREST),
-                v2.CenterCrop(crop_size),
-            ]
-        )
-        self.display = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)])
-
-
 def _eight_bit(image: Image.Image) -> Image.Image:
     """16- and 32-bit grayscale scaled to 8 bits (converting directly would clip at 255);
     palette images with transparency go through RGBA, as Pillow asks."""
@@ -209,32 +189,33 @@ def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:
 
 
 class MVTecDataset(Dataset):
-    """Decodes samples to (3, S, S) normalised images and (S, S) {0, 1} masks.
+    """Decodes samples to (3, H, W) normalised images, (H, W) {0, 1} masks and (H, W) `valid`
+    pixels (not padding, not ignored).
 
     A defect without a mask gets an all-zero one and `mask_known` False, so pixel metrics
     can tell "no defect pixels" from "not labelled".
     """
 
-    def __init__(self, samples: list[Sample], transform: ImageTransform) -> None:
+    def __init__(self, samples: list[Sample], preprocessing: Preprocessing) -> None:
         self.samples = samples
-        self.transform = transform
+        self.preprocessing = preprocessing
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
-        image = self.transform.image(read_image(sample.image))
+        raw = read_image(sample.image)
+        image = self.preprocessing.image(raw)
+        valid = self.preprocessing.valid(tuple(raw.shape[-2:]))
         if sample.mask is None:
             mask = torch.zeros(image.shape[-2:], dtype=torch.uint8)
         else:
-            # Defect where the mask is at least half-way to white: MVTec's 0/255 masks are
-            # unchanged, and JPEG noise or soft edges in other masks add no defect pixels.
-            mask = self.transform.mask(read_image(sample.mask, "L"))[0] >= MASK_LEVEL
-            mask = mask.to(torch.uint8)
+            mask = self.preprocessing.mask(read_image(sample.mask, "L"))
         return {
             "image": image,
             "mask": mask,
+            "valid": valid,
             "mask_known": sample.mask_known,
             "label": sample.label,
             "index": index,

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from patchlab.core.patches import TorchEmbedder
+from patchlab.data.geometry import Size
 from patchlab.errors import UserError
 
 ONNX_FILE = "embedding.onnx"
@@ -50,28 +51,26 @@ class GraphEmbedder:
     """An exported graph as the detector's embedder; `run` maps a float32 NCHW array to the
     graph's outputs, one per member."""
 
-    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], crop_size: int) -> None:
+    def __init__(self, run: Callable[[np.ndarray], list[np.ndarray]], size: Size) -> None:
         self.run = run
         # The widths from one blank image: graph metadata may leave them symbolic.
-        self.feature_dims = [
-            int(e.shape[1]) for e in self.embed(torch.zeros(1, 3, crop_size, crop_size))
-        ]
+        self.feature_dims = [int(e.shape[1]) for e in self.embed(torch.zeros(1, 3, *size))]
 
     def embed(self, images: torch.Tensor) -> list[torch.Tensor]:
         array = np.ascontiguousarray(images.numpy(), dtype=np.float32)
         return [torch.from_numpy(np.asarray(output)) for output in self.run(array)]
 
 
-def onnx_embedder(folder: Path, crop_size: int) -> GraphEmbedder:
+def onnx_embedder(folder: Path, size: Size) -> GraphEmbedder:
     onnxruntime = import_extra("onnxruntime")
     session = onnxruntime.InferenceSession(
         str(graph_path(folder, "onnx")), providers=["CPUExecutionProvider"]
     )
     name = session.get_inputs()[0].name
-    return GraphEmbedder(lambda array: session.run(None, {name: array}), crop_size)
+    return GraphEmbedder(lambda array: session.run(None, {name: array}), size)
 
 
-def openvino_embedder(folder: Path, crop_size: int) -> GraphEmbedder:
+def openvino_embedder(folder: Path, size: Size) -> GraphEmbedder:
     openvino = import_extra("openvino")
     # On CPUs with bf16 units OpenVINO computes in bf16 unless told otherwise: scores then
     # drift by ~0.2%, enough to flip decisions near the threshold. f32 keeps torch's numbers.
@@ -84,24 +83,28 @@ def openvino_embedder(folder: Path, crop_size: int) -> GraphEmbedder:
         results = compiled(array)
         return [results[output] for output in outputs]
 
-    return GraphEmbedder(run, crop_size)
+    return GraphEmbedder(run, size)
 
 
-EMBEDDERS: dict[str, Callable[[Path, int], GraphEmbedder]] = {
+EMBEDDERS: dict[str, Callable[[Path, Size], GraphEmbedder]] = {
     "onnx": onnx_embedder,
     "openvino": openvino_embedder,
 }
 ENGINES = ("torch", *EMBEDDERS)
 
 
-def export_onnx(embedder: TorchEmbedder, crop_size: int, path: Path) -> None:
-    """Traces every member's backbone + aggregation into one graph, batch axis dynamic.
+def export_onnx(embedder: TorchEmbedder, size: Size, path: Path) -> None:
+    """Traces every member's backbone + aggregation into one graph for (B, 3, H, W) inputs of
+    `size`, the batch axis dynamic.
 
-    The tracing exporter is used: it needs no extra package and drops the backbone's layers
-    past the deepest requested one as dead code (the early stop of training cannot be traced).
+    Every input the detector embeds has that size (the geometry's input, or a tile of it), so
+    the spatial axes are fixed: some backbones compute their padding from the input size, which
+    a trace would freeze anyway. The tracing exporter is used: it needs no extra package and
+    drops the backbone's layers past the deepest requested one as dead code (the early stop of
+    training cannot be traced).
     """
     import_extra("onnx")
-    example = torch.zeros(2, 3, crop_size, crop_size)
+    example = torch.zeros(2, 3, *size)
     names = [f"embedding.{i}" for i in range(len(embedder.members))]
     extractors = [member.backbone for member in embedder.members]
     for extractor in extractors:

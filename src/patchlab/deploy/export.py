@@ -23,7 +23,7 @@ from patchlab.deploy.engines import (
     export_onnx,
     export_openvino,
 )
-from patchlab.deploy.loading import fetch_source, load_detector
+from patchlab.deploy.loading import fetch_source, input_unit, load_detector
 from patchlab.errors import command_parser, exit_on_user_error
 
 
@@ -34,7 +34,7 @@ def export(bank_path: Path, fmt: str, out: Path, weights: str | None = None) -> 
     if bank_path.resolve() != (out / BANK_FILE).resolve():
         shutil.copyfile(bank_path, out / BANK_FILE)
     onnx_path = out / ONNX_FILE
-    export_onnx(detector.embedder, int(cfg.data.crop_size), onnx_path)
+    export_onnx(detector.embedder, input_unit(detector, cfg), onnx_path)
     if fmt == "onnx":
         return onnx_path
     export_openvino(onnx_path, out / OPENVINO_FILE)

@@ -11,9 +11,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts.bank import BANK_FILE, bank_config, check_bank, read_banks
+from patchlab.artifacts.bank import BANK_FILE, bank_config, check_bank, read_banks, read_ignore
 from patchlab.artifacts.store import tracking_uri_set
 from patchlab.core.detector import PatchCore
+from patchlab.data.geometry import geometry_from
+from patchlab.data.preprocessing import Preprocessing
 from patchlab.deploy.engines import EMBEDDERS, ENGINES
 from patchlab.deploy.predictor import Decisions, Predictor
 from patchlab.errors import UserError
@@ -77,6 +79,12 @@ def detector_from_config(cfg: DictConfig, engine: str = "torch") -> PatchCore:
     return instantiate(cfg.model, backbone=backbone, search=search)
 
 
+def input_unit(detector: PatchCore, cfg: DictConfig) -> tuple[int, int]:
+    """The (H, W) images the embedder sees: the geometry's input, or a tile of it."""
+    geometry = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True))
+    return detector.units(geometry.size())[0]
+
+
 def load_detector(
     bank_path: Path, engine: str = "torch", weights: str | None = None
 ) -> tuple[PatchCore, DictConfig, dict[str, str]]:
@@ -97,7 +105,7 @@ def load_detector(
         cfg.backbone.weights = weights
     detector = detector_from_config(cfg, engine)
     if engine != "torch":
-        detector.embedder = EMBEDDERS[engine](bank_path.parent, int(cfg.data.crop_size))
+        detector.embedder = EMBEDDERS[engine](bank_path.parent, input_unit(detector, cfg))
     dims = detector.embedder.feature_dims
     if len(banks) != len(dims):
         raise UserError(f"{bank_path}: {len(banks)} banks, but its backbone has {len(dims)}")
@@ -113,7 +121,9 @@ def load_predictor(bank_path: Path, engine: str = "torch", weights: str | None =
     extra = json.loads(metadata.get("extra") or "{}")
     if extra.get("image_threshold") is None:
         raise UserError(f"{bank_path} stores no decision threshold: train it again to get one")
-    preprocessing = json.loads(metadata["preprocessing"])
+    stored = json.loads(metadata["preprocessing"])
+    geometry = geometry_from(stored["geometry"])
+    preprocessing = Preprocessing(geometry, stored["mean"], stored["std"], read_ignore(bank_path))
     batch_size = int(OmegaConf.select(cfg, "data.batch_size", default=16))
     return Predictor(detector, preprocessing, Decisions.from_extra(extra), batch_size)
 

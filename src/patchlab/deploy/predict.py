@@ -75,10 +75,13 @@ def batches(paths: list[Path], size: int) -> Iterator[list[tuple[int, torch.Tens
 
 
 def overlay(image: torch.Tensor, prediction: Prediction) -> Image.Image:
-    """The image with the map in red and the predicted mask's outline in yellow."""
+    """The image with the map in red, the predicted mask's outline in yellow, and what was not
+    scored (outside a crop, padding, ignored regions) greyed out."""
     rgb = image.permute(1, 2, 0).numpy().astype(np.float32)
-    heat = np.clip(prediction.map, 0, 1)[..., None]
+    heat = np.clip(np.nan_to_num(prediction.map, nan=0.0), 0, 1)[..., None]
     blended = rgb * (1 - 0.5 * heat) + np.array([255, 0, 0], np.float32) * 0.5 * heat
+    unscored = np.isnan(prediction.map)
+    blended[unscored] = 0.35 * blended[unscored] + 0.65 * 128
     if prediction.mask is not None:
         edge = prediction.mask & ~ndimage.binary_erosion(prediction.mask, iterations=2)
         blended[edge] = (255, 255, 0)

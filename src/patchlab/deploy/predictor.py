@@ -10,10 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from patchlab.core.detector import PatchCore
-from patchlab.data.mvtec import ImageTransform
+from patchlab.data.preprocessing import Preprocessing
 from patchlab.tuning.postprocess import PostProcessing, binarize
 
 
@@ -56,39 +55,18 @@ class Prediction:
     score: float
     normalised_score: float  # 0.5 is the decision threshold, clipped to [0, 1]
     anomalous: bool
-    map: np.ndarray  # (H, W) float32 at the input's size
+    map: np.ndarray  # (H, W) float32 at the input's size; NaN where not scored
     mask: np.ndarray | None  # (H, W) bool at the input's size; None without a pixel threshold
 
     def map_16bit(self) -> np.ndarray:
-        """The map as 16-bit pixels, 32768 = the pixel decision threshold (PNG-ready)."""
-        return np.clip(self.map * 65535, 0, 65535).astype(np.uint16)
+        """The map as 16-bit pixels (PNG-ready): 0 = not scored, 1..65535 the scored scale,
+        32768 = the pixel decision threshold."""
+        scored = np.clip(np.nan_to_num(self.map, nan=0.0) * 65535, 1, 65535).astype(np.uint16)
+        return np.where(np.isnan(self.map), np.uint16(0), scored)
 
     @property
     def defect_area(self) -> int | None:
         return None if self.mask is None else int(self.mask.sum())
-
-
-def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
-    """torchvision's Resize(int): the short side becomes `resize`, the long one keeps aspect."""
-    if height <= width:
-        return resize, int(resize * width / height)
-    return int(resize * height / width), resize
-
-
-def uncrop(crop_maps: torch.Tensor, size: tuple[int, int], resize: int, mode: str) -> torch.Tensor:
-    """(C, C) crop-resolution map -> (H, W) at the original image's size.
-
-    The centre crop is put back where it came from in the resized image; the border the crop
-    cut off (6% a side at 256/224) repeats the nearest scored pixel, then the whole is resized
-    to the original size.
-    """
-    crop = crop_maps.shape[-1]
-    height, width = resized_size(*size, resize)
-    top, left = round((height - crop) / 2.0), round((width - crop) / 2.0)
-    padding = (left, width - crop - left, top, height - crop - top)
-    canvas = F.pad(crop_maps[None, None].float(), padding, mode="replicate")
-    extra = {} if mode == "nearest" else {"align_corners": False}
-    return F.interpolate(canvas, size=size, mode=mode, **extra)[0, 0]
 
 
 class Predictor:
@@ -97,7 +75,7 @@ class Predictor:
     def __init__(
         self,
         detector: PatchCore,
-        preprocessing: dict,
+        preprocessing: Preprocessing,
         decisions: Decisions,
         batch_size: int = 16,
     ) -> None:
@@ -105,21 +83,19 @@ class Predictor:
         # The run's test batch: search and convolution rounding depend on the batch, so at
         # this size a run's own test images get bit-identical scores.
         self.batch_size = batch_size
-        self.resize = int(preprocessing["resize"])
-        self.crop = int(preprocessing["crop_size"])
-        self.transform = ImageTransform(
-            self.resize, self.crop, preprocessing["mean"], preprocessing["std"]
-        )
+        self.preprocessing = preprocessing
         self.decisions = decisions
 
-    def crop_results(
+    def input_results(
         self, images: list[torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(B,) image scores, (B, C, C) maps and masks at crop resolution, as the test pass had
-        them: the masks are exactly what tuning's post-processing makes of the maps."""
-        batch = torch.stack([self.transform.image(image) for image in images])
+        """(B,) image scores, (B, H, W) maps and masks at the model's input resolution, as the
+        test pass had them: the masks are exactly what tuning's post-processing makes of the
+        maps. Pixels not scored are NaN in the maps and False in the masks."""
+        batch = torch.stack([self.preprocessing.image(image) for image in images])
+        valid = torch.stack([self.preprocessing.valid(tuple(i.shape[-2:])) for i in images])
         post = self.decisions.post
-        scores, maps, _ = self.detector.predict(batch, post.sigma if post else None)
+        scores, maps, _ = self.detector.predict(batch, post.sigma if post else None, valid)
         if post is not None:
             masks = binarize(maps, post)
         elif self.decisions.pixel_threshold is not None:
@@ -130,23 +106,28 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, images: list[torch.Tensor]) -> list[Prediction]:
-        """(3, H, W) uint8 images of any sizes -> one Prediction each, at each one's size."""
-        scores, maps, masks = self.crop_results(images)
+        """(3, H, W) uint8 images of any sizes -> one Prediction each, at each one's size.
+
+        Maps hold NaN, and masks False, wherever nothing was scored: outside a crop, in
+        padding, in an ignored region. Nothing is filled in.
+        """
+        scores, maps, masks = self.input_results(images)
         threshold = self.decisions.image_threshold
         scaled = self.decisions.pixel_scale(maps)
+        geometry = self.preprocessing.geometry
         results = []
         for i, image in enumerate(images):
             size = tuple(image.shape[-2:])
             mask = None
             if masks is not None:
-                mask = uncrop(masks[i], size, self.resize, "nearest").numpy() > 0.5
+                mask = (geometry.to_source(masks[i].float(), size, nearest=True) > 0.5).numpy()
             score = float(scores[i])
             results.append(
                 Prediction(
                     score=score,
                     normalised_score=min(max(score / (2 * threshold), 0.0), 1.0),
                     anomalous=score >= threshold,
-                    map=uncrop(scaled[i], size, self.resize, "bilinear").numpy(),
+                    map=geometry.to_source(scaled[i], size).numpy(),
                     mask=mask,
                 )
             )

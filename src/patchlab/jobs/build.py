@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from patchlab.core.coreset import Stop
 from patchlab.core.detector import PatchCore
@@ -32,7 +32,7 @@ PASSED_BY_BUILD = {
     "data": {"holdout"},
     "trainer": {"callbacks"},
 }
-SETTING_GROUPS = ("model", "search", "sampler", "data", "backbone")
+SETTING_GROUPS = ("model", "search", "sampler", "data.geometry", "data", "backbone")
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the project's, for hints only
 
 
@@ -51,7 +51,8 @@ def user_message(error: Exception, group: str, cfg: DictConfig | None = None) ->
         return str(error) or type(error).__name__
 
     def where(setting: str) -> str:
-        holders = [g for g in (group, *SETTING_GROUPS) if cfg and setting in (cfg.get(g) or {})]
+        nodes = (group, *SETTING_GROUPS) if cfg is not None else ()
+        holders = [g for g in nodes if setting in (OmegaConf.select(cfg, g) or {})]
         return f"{holders[0] if holders else group}.{setting}"
 
     return error.named(where)
@@ -147,12 +148,12 @@ def build(
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tuning = build_tuning(cfg)
     holdout = tuning.holdout_images if tuning else 0
-    datamodule = configured("data", lambda: instantiate(cfg.data, holdout=holdout))
+    datamodule = configured("data", lambda: instantiate(cfg.data, holdout=holdout), cfg)
     configured("data", datamodule.prepare_data)
     configured("data", datamodule.setup)
     detector = build_detector(cfg)
     train_images = len(datamodule.train_samples)
-    check = lambda: detector.check_bank_size(train_images, datamodule.crop_size)  # noqa: E731
+    check = lambda: detector.check_bank_size(train_images, datamodule.input_size)  # noqa: E731
     configured("model", check, cfg)
     trainer = configured("trainer", lambda: instantiate(cfg.trainer, callbacks=[StageMarks()]))
     return datamodule, PatchCoreModule(detector, stop), trainer, tuning

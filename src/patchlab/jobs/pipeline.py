@@ -3,6 +3,7 @@
 import ctypes
 import ctypes.util
 import logging
+import math
 import resource
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from patchlab.artifacts.run_files import (
     write_scores_csv,
 )
 from patchlab.core.detector import PatchCore
-from patchlab.core.metrics import evaluate
+from patchlab.core.metrics import evaluate_outputs
 from patchlab.jobs import stages
 from patchlab.jobs.build import build
 from patchlab.jobs.tracking import NO_RUN, RunLog
@@ -74,7 +75,7 @@ def untuned_decisions(metrics: dict[str, float]) -> dict:
     Those were read off the test set, as the seed did; the bank says so, and predict warns.
     """
     decisions = {"image_threshold": metrics.get("image_f1_max_threshold")}
-    if "pixel_f1_max_threshold" in metrics:
+    if math.isfinite(metrics.get("pixel_f1_max_threshold", math.nan)):  # NaN: no defect pixel
         decisions["pixel_threshold"] = metrics["pixel_f1_max_threshold"]
     return decisions | {"thresholds_from": "test set F1-max (threshold=none)"}
 
@@ -111,8 +112,7 @@ def run(
     out = module.outputs
     save_outputs(out, output_dir / OUTPUTS_FILE)
     parts = tuning.split([sample.defect_type for sample in samples]) if tuning else {}
-    masks = out.masks if out.pixel_labelled else None  # image-only: pixel metrics left out
-    evaluation = evaluate(out.image_scores, out.labels, out.maps, masks, parts)
+    evaluation = evaluate_outputs(out, parts)  # image-only: pixel metrics left out
     metrics = evaluation.metrics | {
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
@@ -125,8 +125,8 @@ def run(
         stages.enter("tuning")
         synthetic = None
         if datamodule.holdout_samples:
-            images = datamodule.holdout_images()
-            synthetic = synthetic_validation(detector.predict, images, cfg.seed)
+            images, valid = datamodule.holdout_images()
+            synthetic = synthetic_validation(detector.predict, images, valid, cfg.seed)
         name = f"{cfg.category.name}:{output_dir.resolve()}"
         found = tuning.run(out, evaluation, parts, cfg.model.blur_sigma, name, synthetic)
         metrics |= found.metrics
@@ -141,7 +141,8 @@ def run(
     render_run(output_dir, view, cfg.figures)
     if found is not None and found.study is not None:
         write_study_figures(found.study, output_dir)
-    save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics)
+    ignore = datamodule.preprocessing.ignore
+    save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics, ignore)
     unfinished.unlink()
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
     run_log.metrics({"peak_rss_mb": metrics["peak_rss_mb"]})

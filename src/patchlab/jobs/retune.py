@@ -28,7 +28,7 @@ from patchlab.artifacts.run_files import (
     write_json,
 )
 from patchlab.artifacts.store import default_tracking_uri
-from patchlab.core.metrics import evaluate
+from patchlab.core.metrics import evaluate_outputs
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.jobs.tracking import existing_run
 from patchlab.reporting.study_figures import write_study_figures
@@ -52,8 +52,7 @@ def retune(folder: Path, tuning: ThresholdTuning, cfg: DictConfig) -> Tuning:
     outputs = load_outputs(folder / OUTPUTS_FILE)
     tuning.validation = "test_split"  # the held-back images of synthetic validation are gone
     parts = tuning.split(defect_types)
-    masks = outputs.masks if outputs.pixel_labelled else None
-    evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, masks, parts)
+    evaluation = evaluate_outputs(outputs, parts)
     name = f"{cfg.category.name}:{folder.resolve()}"
     found = tuning.run(outputs, evaluation, parts, cfg.model.blur_sigma, name)
     found.metrics |= {k: v for k, v in evaluation.metrics.items() if k.startswith(PART_METRICS)}

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts.bank import BANK_FILE
 from patchlab.artifacts.store import RUNS_VIEW, tracking_uri, tracking_uri_set
+from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
 from patchlab.jobs import stages
@@ -37,7 +38,8 @@ RUNS_VIEW_STATE = {
         "attributes.`Dataset`",
         *(f"metrics.`{m}`" for m in ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1")),
         *(f"metrics.`{m}`" for m in ("aupro", "fit_seconds")),
-        *(f"params.`{p}`" for p in ("backbone.name", "model.coreset_ratio", "data.crop_size")),
+        *(f"params.`{p}`" for p in ("backbone.name", "model.coreset_ratio")),
+        *(f"params.`data.geometry.{p}`" for p in ("crop_size", "size")),
     ],
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,
@@ -101,9 +103,11 @@ def short_backbone(name: str) -> str:
 
 def run_name(cfg: DictConfig) -> str:
     """What tells runs apart in the UI's list, e.g. `bottle lite2 r0.10 k9 224px`."""
+    geometry = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True)).label()
+    tiles = f" t{cfg.model.tile_size}" if cfg.model.get("tile_size") else ""
     return (
         f"{cfg.category.name} {short_backbone(cfg.backbone.name)} "
-        f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {cfg.data.crop_size}px"
+        f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {geometry}{tiles}"
     )
 
 

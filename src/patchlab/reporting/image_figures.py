@@ -5,12 +5,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.outputs import TestOutputs
 from patchlab.data.mvtec import Sample, read_image
+from patchlab.tuning.postprocess import value_range
 
 SELECTIONS = ("failures", "defects", "goods", "all")
+# Pixels that were not scored (padding, ignored regions) are NaN in the maps: drawn grey.
+HEAT = colormaps["inferno"].with_extremes(bad="0.55")
 
 
 def showcase_order(outputs: TestOutputs, selection: str = "failures") -> list[int]:
@@ -53,11 +57,12 @@ def heatmap_figure(
     axes = figure.subplots(1, 3)
     axes[0].imshow(image)
     axes[0].set_title("input")
-    shown = axes[1].imshow(anomaly_map, cmap="inferno", vmin=scale[0], vmax=scale[1])
-    axes[1].set_title("anomaly map")
+    shown = axes[1].imshow(anomaly_map, cmap=HEAT, vmin=scale[0], vmax=scale[1])
+    unscored = bool(np.isnan(anomaly_map).any())
+    axes[1].set_title("anomaly map" + ("   not scored: grey" if unscored else ""))
     figure.colorbar(shown, ax=axes[1], fraction=0.046, pad=0.02)
     axes[2].imshow(image)
-    axes[2].imshow(anomaly_map, cmap="inferno", vmin=scale[0], vmax=scale[1], alpha=0.5)
+    axes[2].imshow(anomaly_map, cmap=HEAT, vmin=scale[0], vmax=scale[1], alpha=0.5)
     if mask is not None and mask.any():
         axes[2].contour(mask, levels=[0.5], colors="lime", linewidths=1.5)
     if predicted is not None and predicted.any():
@@ -85,7 +90,7 @@ def write_heatmaps(
     With an `image_threshold` titles carry the decision; with `predicted_masks` overlays do.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    scale = (float(outputs.maps.min()), float(outputs.maps.max()))
+    scale = value_range(outputs.maps)
     paths = []
     for rank, index in enumerate(showcase_order(outputs, selection)[:count]):
         sample = samples[index]

@@ -23,9 +23,10 @@ from patchlab.artifacts.run_files import (
     load_outputs,
     read_samples,
 )
-from patchlab.core.metrics import ALL, Evaluation, evaluate
+from patchlab.core.metrics import ALL, Evaluation, evaluate_outputs
 from patchlab.core.ranking import RankedCounts
-from patchlab.data.mvtec import ImageTransform, Sample
+from patchlab.data.geometry import geometry_from
+from patchlab.data.mvtec import Sample
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.image_figures import write_heatmaps
 from patchlab.reporting.run_figures import write_run_figures
@@ -61,8 +62,7 @@ class RunView:
         post: PostProcessing | None,
         evaluation: Evaluation,
     ) -> "RunView":
-        data = cfg.data
-        display = ImageTransform(data.resize, data.crop_size, data.mean, data.std).display
+        display = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True)).image
         pixel = evaluation.pixel.get(ALL)
         return cls(outputs, samples, display, image_threshold, post, evaluation.image[ALL], pixel)
 
@@ -102,8 +102,7 @@ def load_run(run_dir: Path) -> tuple[RunView, DictConfig]:
         raise UserError(f"{run_dir} is not a finished run folder: it has no {', '.join(missing)}")
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     outputs = load_outputs(run_dir / OUTPUTS_FILE)
-    masks = outputs.masks if outputs.pixel_labelled else None
-    evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, masks)
+    evaluation = evaluate_outputs(outputs)
     threshold, post = evaluation.metrics["image_f1_max_threshold"], None
     if (run_dir / TUNING_FILE).is_file():
         tuning = json.loads((run_dir / TUNING_FILE).read_text())

@@ -44,9 +44,9 @@ CONFIG_PARAMS = (
     "backbone.layers",
     "model.coreset_ratio",
     "model.num_neighbors",
-    "data.resize",
-    "data.crop_size",
+    "data.geometry._target_",
 )
+SETTING_PREFIXES = ("data.geometry.", "model.tile_size")
 STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
@@ -96,7 +96,11 @@ def _row(run: Run) -> dict:
         **{k: run.data.metrics[k] for k in TABLE_METRICS if k in run.data.metrics},
     }
     if all(key in params for key in CONFIG_PARAMS):
-        cfg = OmegaConf.from_dotlist([f"{key}={params[key]}" for key in CONFIG_PARAMS])
+        # Params are strings: None was logged as "None", which the config spells null.
+        keys = [k for k in params if k in CONFIG_PARAMS or k.startswith(SETTING_PREFIXES)]
+        cfg = OmegaConf.from_dotlist(
+            [f"{k}={'null' if params[k] == 'None' else params[k]}" for k in keys]
+        )
         row |= config_columns(cfg)
     return row
 

@@ -8,7 +8,7 @@ import seaborn as sns
 import torch
 from matplotlib.figure import Figure
 
-from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import RankedCounts
 from patchlab.data.mvtec import Sample, read_image
 from patchlab.reporting.image_figures import showcase_order

@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts.run_files import CONFIG_FILE, METRICS_FILE
+from patchlab.data.geometry import geometry_from
 
 # The seed notebook's per-category numbers (EfficientNet-B5, anomalib 0.7), to compare against.
 SEED_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max")
@@ -39,7 +40,7 @@ SEED_RESULTS: dict[str, tuple[float, float, float]] = {
 # pixel_f1 is the honest figure (tuned on validation, scored on held-out images): threshold=optuna.
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "pixel_f1_max", "pixel_f1", "image_f1_max", "aupro")
 # What tells two runs of one category apart.
-CONFIG_COLUMNS = ("backbone", "layers", "coreset_ratio", "num_neighbors", "resolution")
+CONFIG_COLUMNS = ("backbone", "layers", "coreset_ratio", "num_neighbors", "geometry")
 # What a model-selection sweep reports for each configuration beside its validation metric:
 # figures on the held-out half of the split, which no choice has seen.
 HELD_OUT_METRICS = ("held_out_image_auroc", "held_out_pixel_auroc", "held_out_aupro", "pixel_f1")
@@ -56,8 +57,15 @@ def config_columns(cfg: DictConfig) -> dict[str, str]:
         "layers": ",".join(cfg.backbone.layers) if cfg.backbone.get("layers") else "per member",
         "coreset_ratio": f"{cfg.model.coreset_ratio:g}",
         "num_neighbors": str(cfg.model.num_neighbors),
-        "resolution": f"{cfg.data.resize}/{cfg.data.crop_size}",
+        "geometry": geometry_column(cfg),
     }
+
+
+def geometry_column(cfg: DictConfig) -> str:
+    """`256/224` (resize/crop), `fit 224x560`, ..., and the tiles when the run had them."""
+    geometry = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True))
+    tiles = cfg.model.get("tile_size")
+    return geometry.describe() + (f", tiles {tiles}" if tiles else "")
 
 
 def _job_row(job: Path) -> dict:

@@ -2,6 +2,7 @@
 
 import logging
 import multiprocessing
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,19 +11,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from patchlab.data.download import MANUAL_STEPS, download_mvtec
+from patchlab.data.geometry import CenterCrop, Geometry
 from patchlab.data.mvtec import (
-    ImageTransform,
     MVTecDataset,
     Sample,
     good_samples,
     pair_masks,
+    read_image,
     require_images,
     scan_test,
     scan_train,
     seeded_split,
 )
+from patchlab.data.preprocessing import MASK_LEVEL, Preprocessing
 
 log = logging.getLogger(__name__)
+UNSEEN_WARNING = 0.25  # share of an image a geometry may drop without saying so
+ALIGN = 32  # suggested input sizes are multiples of the coarsest backbone stride
 ABNORMAL = "abnormal"  # defect type of every image in a folder layout's abnormal folder
 
 
@@ -36,12 +41,37 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
 
 
+def unseen_warning(geometry: Geometry, samples: list[Sample]) -> str | None:
+    """One sentence when the geometry leaves more than UNSEEN_WARNING of an image unscored,
+    naming the share and the setting that keeps the whole image; None otherwise."""
+    sizes = Counter(sample.size for sample in samples if sample.size is not None)
+    if not sizes:
+        return None
+    worst = min(sizes, key=lambda size: geometry.place(size).kept_share())
+    unseen = 1 - geometry.place(worst).kept_share()
+    if unseen <= UNSEEN_WARNING:
+        return None
+    (height, width), _ = sizes.most_common(1)[0]
+    side = min(geometry.size())
+    scale = side / min(height, width)
+    fit = [max(ALIGN, round(length * scale / ALIGN) * ALIGN) for length in (height, width)]
+    return (
+        f"{unseen:.0%} of each {worst[0]}x{worst[1]} image is never scored: the geometry "
+        f"({geometry.describe()}) keeps only its centre, so a defect in the rest passes and the "
+        "pixel metrics do not see it. To keep the whole image: "
+        f"geometry=fit data.geometry.size=[{fit[0]},{fit[1]}]"
+    )
+
+
 class AnomalyDataModule(pl.LightningDataModule):
     """Checks the data up front, so bad data fails before any model work.
 
     Subclasses differ only in `scan`, which lists and checks the train and test samples.
 
     Args:
+        geometry: Where each image's pixels go in the model input (`geometry=` group).
+        ignore_mask: An image file whose white pixels are ignored in every image (stretched
+            to each image's size): not in the bank, not scored, not in any metric.
         holdout: train/good images kept out of the memory bank (seeded pick), e.g. to carry
             synthetic anomalies for tuning.
     """
@@ -51,19 +81,21 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        resize: int = 256,
-        crop_size: int = 224,
+        geometry: Geometry | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 32,
         num_workers: int = 2,
+        ignore_mask: str | None = None,
         holdout: int = 0,
     ) -> None:
         super().__init__()
-        if crop_size > resize:
-            raise ValueError(f"data.crop_size ({crop_size}) must not exceed data.resize ({resize})")
-        self.transform = ImageTransform(resize, crop_size, list(mean), list(std))
-        self.crop_size = crop_size
+        geometry = geometry if geometry is not None else CenterCrop()
+        ignore = None
+        if ignore_mask is not None:
+            ignore = read_image(Path(ignore_mask).expanduser(), "L")[0] >= MASK_LEVEL
+        self.preprocessing = Preprocessing(geometry, mean, std, ignore)
+        self.input_size = geometry.size()
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.holdout = holdout
@@ -97,6 +129,11 @@ class AnomalyDataModule(pl.LightningDataModule):
             log.info(
                 "%s: %s: image-only mode, pixel metrics skipped", self.name, self.no_masks_reason
             )
+        warning = unseen_warning(
+            self.preprocessing.geometry, self.train_samples + self.test_samples
+        )
+        if warning:
+            log.warning("%s: %s", self.name, warning)
 
     def _hold_back(self) -> None:
         if self.holdout >= len(self.train_samples):
@@ -108,14 +145,15 @@ class AnomalyDataModule(pl.LightningDataModule):
             self.train_samples, self.holdout, seed=0
         )
 
-    def holdout_images(self) -> torch.Tensor:
-        """(N, 3, S, S) preprocessed held-back good images."""
-        dataset = MVTecDataset(self.holdout_samples, self.transform)
-        return torch.stack([dataset[i]["image"] for i in range(len(dataset))])
+    def holdout_images(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) preprocessed held-back good images and their (N, H, W) valid pixels."""
+        dataset = MVTecDataset(self.holdout_samples, self.preprocessing)
+        items = [dataset[i] for i in range(len(dataset))]
+        return torch.stack([i["image"] for i in items]), torch.stack([i["valid"] for i in items])
 
     def _loader(self, samples: list[Sample]) -> DataLoader:
         return DataLoader(
-            MVTecDataset(samples, self.transform),
+            MVTecDataset(samples, self.preprocessing),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=False,
@@ -142,16 +180,16 @@ class MVTecDataModule(AnomalyDataModule):
         self,
         root: str,
         category: str,
-        resize: int = 256,
-        crop_size: int = 224,
+        geometry: Geometry | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 32,
         num_workers: int = 2,
         download: bool = False,
+        ignore_mask: str | None = None,
         holdout: int = 0,
     ) -> None:
-        super().__init__(resize, crop_size, mean, std, batch_size, num_workers, holdout)
+        super().__init__(geometry, mean, std, batch_size, num_workers, ignore_mask, holdout)
         self.root = Path(root).expanduser()
         self.category = self.name = category
         self.download = download
@@ -203,15 +241,15 @@ class FolderDataModule(AnomalyDataModule):
         normal_test_dir: str | None = None,
         normal_split: float = 0.2,
         split_seed: int = 0,
-        resize: int = 256,
-        crop_size: int = 224,
+        geometry: Geometry | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         batch_size: int = 32,
         num_workers: int = 2,
+        ignore_mask: str | None = None,
         holdout: int = 0,
     ) -> None:
-        super().__init__(resize, crop_size, mean, std, batch_size, num_workers, holdout)
+        super().__init__(geometry, mean, std, batch_size, num_workers, ignore_mask, holdout)
         self.root = Path(root).expanduser()
         self.name = self.root.name
         self.normal_dir = self.root / normal_dir

@@ -8,9 +8,9 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 import torch
 
-from patchlab.artifacts.run_files import TestOutputs
 from patchlab.core.coreset import Stop
 from patchlab.core.detector import PatchCore
+from patchlab.core.outputs import TestOutputs
 from patchlab.core.patches import PatchCollector
 
 # Both are PatchCore by design, not mistakes: it has no optimizer, and its backbone stays frozen
@@ -30,6 +30,12 @@ def expected_warnings_silenced() -> Iterator[None]:
         for message in EXPECTED_WARNINGS:
             warnings.filterwarnings("ignore", message=message)
         yield
+
+
+def scored_pixels(batch: dict) -> torch.Tensor | None:
+    """The batch's (B, H, W) `valid` pixels; None when all are, the common case."""
+    valid = batch.get("valid")
+    return None if valid is None or bool(valid.all()) else valid
 
 
 class PatchCoreModule(pl.LightningModule):
@@ -53,12 +59,14 @@ class PatchCoreModule(pl.LightningModule):
     def configure_optimizers(self) -> None:
         """PatchCore fits no parameters."""
 
-    def on_train_epoch_start(self) -> None:
-        images = len(self.trainer.train_dataloader.dataset)
-        self._collector = PatchCollector(images, self.detector.feature_dtype)
-
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        self._collector.add(self.detector.embed(batch["image"]))
+        images, valid = batch["image"], scored_pixels(batch)
+        if self._collector is None:
+            pieces = len(self.detector.units(tuple(images.shape[-2:])))
+            units = len(self.trainer.train_dataloader.dataset) * pieces
+            self._collector = PatchCollector(units, self.detector.feature_dtype)
+        for embeddings, piece_valid in self.detector.training_patches(images, valid):
+            self._collector.add(embeddings, piece_valid)
 
     def on_train_epoch_end(self) -> None:
         """Selects each member's coreset; patches wait in host memory (larger than a GPU's)."""
@@ -70,9 +78,9 @@ class PatchCoreModule(pl.LightningModule):
         self._test_batches = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        image_scores, maps, grid = self.detector.predict(batch["image"])
+        image_scores, maps, grid = self.detector.predict(batch["image"], valid=scored_pixels(batch))
         labels, masks, known = batch["label"], batch["mask"], batch["mask_known"]
-        self._test_batches.append((image_scores, labels, maps, masks, grid, known))
+        self._test_batches.append((image_scores, labels, maps, masks, grid, known, batch["valid"]))
 
     def on_test_epoch_end(self) -> None:
         columns = [torch.cat(parts).cpu() for parts in zip(*self._test_batches, strict=True)]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.outputs import TestOutputs
 from patchlab.core.scoring import anomaly_maps
 
 
@@ -28,8 +28,18 @@ class PostProcessing:
 
 
 def maps_at(outputs: TestOutputs, sigma: float) -> torch.Tensor:
-    """(N, H, W) anomaly maps re-blurred at `sigma` from the cached patch scores."""
-    return anomaly_maps(outputs.patch_scores, tuple(outputs.masks.shape[-2:]), sigma)
+    """(N, H, W) anomaly maps re-blurred at `sigma` from the cached patch scores; NaN where
+    not scored, as in the test pass."""
+    size, grid = tuple(outputs.masks.shape[-2:]), outputs.patch_scores
+    if bool(outputs.valid.all()):
+        return anomaly_maps(grid, size, sigma)
+    maps = anomaly_maps(grid, size, sigma, ~torch.isnan(grid))
+    return maps.masked_fill(~outputs.valid, float("nan"))
+
+
+def value_range(maps: torch.Tensor) -> tuple[float, float]:
+    """The lowest and highest scored value of `maps` (NaN, not scored, left out)."""
+    return float(maps.nan_to_num(float("inf")).min()), float(maps.nan_to_num(float("-inf")).max())
 
 
 def _dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:

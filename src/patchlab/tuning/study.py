@@ -15,17 +15,17 @@ import optuna
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts.run_files import TestOutputs
 from patchlab.core.metrics import (
     Evaluation,
-    evaluate,
+    evaluate_outputs,
     f1_max,
     precision_recall_f1,
     prefixed,
 )
+from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import ALL, RankedCounts, rank
 from patchlab.errors import SettingError
-from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
+from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, value_range
 from patchlab.tuning.split import stratified_split
 
 # threshold is on maps normalised to the validation maps' [min, max]; radii and areas in
@@ -70,7 +70,7 @@ class Tuning:
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
     """Post-processing whose 0..1 threshold scale spans these (validation) maps."""
-    low, high = float(maps.min()), float(maps.max())
+    low, high = value_range(maps)
     return PostProcessing(sigma=sigma, low=low, high=high, threshold=threshold, **params)
 
 
@@ -209,13 +209,12 @@ class ThresholdTuning:
             ranked, metrics = evaluation.pixel.get("val"), {}
         else:
             validation, held_out = synthetic, outputs
-            masks = synthetic.masks if synthetic.pixel_labelled else None
-            found = evaluate(synthetic.image_scores, synthetic.labels, synthetic.maps, masks)
+            found = evaluate_outputs(synthetic)
             ranked = found.pixel.get(ALL)
             metrics = prefixed("val", found.metrics) | prefixed("held_out", evaluation.metrics)
         study, post = None, None
         if validation.pixel_labelled:
-            ranked = ranked or rank(validation.maps, validation.masks)
+            ranked = ranked or rank(validation.maps, validation.masks, validation.valid)
             study, post, baseline_f1 = self.study(validation, ranked, sigma, name)
             metrics |= {
                 "val_pixel_f1_tuned": study.best_value,

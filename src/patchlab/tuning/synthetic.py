@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import torch
 
-from patchlab.artifacts.run_files import TestOutputs
+from patchlab.core.outputs import TestOutputs
 
-# (B, 3, H, W) images -> (B,) image scores, (B, H, W) maps, (B, h, w) patch scores
-Predict = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (B, 3, H, W) images, valid=(B, H, W) -> (B,) image scores, (B, H, W) maps, (B, h, w) grids
+Predict = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def cut_paste(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,18 +35,22 @@ def cut_paste(image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Te
 
 
 def synthetic_validation(
-    predict: Predict, images: torch.Tensor, seed: int, batch_size: int = 16
+    predict: Predict, images: torch.Tensor, valid: torch.Tensor, seed: int, batch_size: int = 16
 ) -> TestOutputs:
     """Scores (N, 3, H, W) held-back good images and their CutPaste copies with `predict`
-    (a fitted model's `predict`)."""
+    (a fitted detector's `predict`); (N, H, W) `valid` marks their scored pixels."""
     generator = torch.Generator().manual_seed(seed)
     pasted, masks = zip(*(cut_paste(image, generator) for image in images), strict=True)
-    inputs = torch.cat([images, torch.stack(pasted)])
-    all_masks = torch.cat(
-        [torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8), torch.stack(masks)]
-    )
-    parts = [predict(chunk) for chunk in inputs.split(batch_size)]
+    inputs, all_valid = torch.cat([images, torch.stack(pasted)]), torch.cat([valid, valid])
+    zeros = torch.zeros(len(images), *images.shape[-2:], dtype=torch.uint8)
+    all_masks = torch.cat([zeros, torch.stack(masks)]) * all_valid
+    parts = [
+        predict(chunk, valid=chunk_valid)
+        for chunk, chunk_valid in zip(
+            inputs.split(batch_size), all_valid.split(batch_size), strict=True
+        )
+    ]
     scores, maps, grids = (torch.cat(column) for column in zip(*parts, strict=True))
     labels = torch.cat([torch.zeros(len(images)), torch.ones(len(images))]).long()
     known = torch.ones(len(labels), dtype=torch.bool)  # every pasted pixel is known
-    return TestOutputs(scores, labels, maps, all_masks, grids, known)
+    return TestOutputs(scores, labels, maps, all_masks, grids, known, all_valid)
