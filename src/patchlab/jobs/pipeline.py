@@ -95,6 +95,7 @@ def run(
     (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     datamodule, module, trainer, tuning = build(cfg, stages.check)
     detector, samples = module.detector, datamodule.test_samples
+    log.info("Model ready: %s", cfg.backbone.name)
     run_log.datasets(cfg.category.name, {"train": datamodule.train_samples, "test": samples})
     start = time.perf_counter()
     with expected_warnings_silenced():
@@ -120,6 +121,7 @@ def run(
         "peak_rss_mb": peak_rss_mb(),
     }
     run_log.metrics(metrics)
+    log.info("Metrics computed")
     decisions, found = untuned_decisions(metrics), None
     if tuning is not None:
         stages.enter("tuning")
@@ -138,15 +140,17 @@ def run(
     write_scores_csv(out, samples, output_dir / SCORES_FILE)
     post = found.post if found is not None else None
     view = RunView.of(cfg, out, samples, decisions["image_threshold"], post, evaluation)
-    render_run(output_dir, view, cfg.figures)
+    drawn = render_run(output_dir, view, cfg.figures)
     if found is not None and found.study is not None:
-        write_study_figures(found.study, output_dir)
+        drawn += write_study_figures(found.study, output_dir)
+    log.info("Figures written: %d", len(drawn))
     ignore = datamodule.preprocessing.ignore
     save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics, ignore)
     unfinished.unlink()
     metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
     run_log.metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
     write_json(metrics, output_dir / METRICS_FILE)
+    log.info("Results written to %s", output_dir)
     run_log.model(output_dir / BANK_FILE, cfg.tracking)
     log.info("%s: %s", cfg.category.name, result_line(metrics))
     return metrics, detector, datamodule

@@ -7,6 +7,7 @@ logs nothing, so the pipeline has no branch for it.
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import warnings
@@ -24,12 +25,13 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts.bank import BANK_FILE
-from patchlab.artifacts.store import RUNS_VIEW, tracking_uri, tracking_uri_set
+from patchlab.artifacts.store import RUNS_VIEW, run_url, tracking_uri, tracking_uri_set, ui_url
 from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
 from patchlab.jobs import stages
 
+logger = logging.getLogger(__name__)
 PACKAGES = ("torch", "torchvision", "timm", "pytorch-lightning", "mlflow", "optuna", "patchlab")
 # The runs table's default shows no metric or param column; this saved view (MLflow's shared
 # view state, an experiment tag) shows the ones runs are compared on.
@@ -243,6 +245,7 @@ class RunLog:
                 registered = mlflow.register_model(info.model_uri, name)
                 alias = tracking.get("model_alias") or "champion"
                 MlflowClient().set_registered_model_alias(name, alias, registered.version)
+        logger.info("MLflow model logged")
 
 
 NO_RUN = RunLog(active=False)
@@ -300,9 +303,10 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
     parent = parent_run_id(sweep)
     if parent:
         tags[MLFLOW_PARENT_RUN_ID] = parent
-    with mlflow.start_run(
-        experiment_id=experiment_id(cfg.tracking), run_name=run_name(cfg), tags=tags
-    ):
+    experiment = experiment_id(cfg.tracking)
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg), tags=tags) as run:
+        link = run_url(ui_url(tracking_uri(cfg.tracking)), experiment, run.info.run_id)
+        logger.info("MLflow run %s: %s", run.info.run_id, link)
         mlflow.log_params(run_params(cfg))
         log = RunLog(active=True)
         killed = False
@@ -321,6 +325,7 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
                 log_folder(output_dir, {BANK_FILE} if log.model_logged else set())
             if killed:
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+            logger.info("MLflow run %s logged: %s", run.info.run_id, link)
 
 
 def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:

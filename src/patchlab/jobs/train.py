@@ -43,6 +43,7 @@ def job(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
     stages.catch_stop_signals()
+    log.info("Job %s: %s", cfg.category.name, output_dir)
     try:
         check_settings(cfg)
         stages.stop_if_received()
