@@ -6,15 +6,17 @@ The same as `patchlab train ...`; Hydra composes conf/ and hands the job to patc
 import hydra
 from omegaconf import DictConfig
 
-from patchlab.errors import exit_on_user_error
-from patchlab.jobs.train import job
+from patchlab.errors import exit_now, exit_on_user_error
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 @exit_on_user_error
 def main(cfg: DictConfig) -> float:
+    from patchlab.jobs.train import job  # after Hydra: --help and config errors need none of it
+
     return job(cfg)
 
 
 if __name__ == "__main__":
     main()
+    exit_now()

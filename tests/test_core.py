@@ -84,7 +84,7 @@ def test_the_detector_keeps_its_coreset_ratio_of_the_patches() -> None:
 
 @pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
 def test_coreset_ratio_outside_unit_interval_is_rejected(ratio: float) -> None:
-    with pytest.raises(ValueError, match="coreset_ratio must be in"):
+    with pytest.raises(ValueError, match="coreset_ratio must be > 0 and <= 1"):
         PatchCore(None, coreset_ratio=ratio)
 
 

@@ -8,8 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers.configs import compose_config
 from helpers.synthetic import make_category, make_folder_layout
 from patchlab.data.geometry import CenterCrop
+from patchlab.errors import UserError, message
+from patchlab.jobs.pipeline import run
 from patchlab.training.datamodule import FolderDataModule, MVTecDataModule
 
 
@@ -85,6 +88,26 @@ def test_corrupt_image_is_named(category: Path) -> None:
     (category / "test" / "good" / "001.png").write_bytes(b"not a png at all")
     with pytest.raises(ValueError, match=r"Unreadable or corrupt image file .*good/001.png"):
         setup(category.parent)
+
+
+def test_the_scan_reads_headers_not_pixels(category: Path, monkeypatch) -> None:
+    """Decoding happens once, in the loader; the scan reads sizes from the headers."""
+    decoded = []
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", lambda image: decoded.append(image))
+    setup(category.parent)
+    assert decoded == []
+
+
+def test_a_truncated_training_image_stops_the_run_naming_it(cfg, tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    make_category(root, "part", seed=2)
+    image = root / "part" / "train" / "good" / "003.png"
+    image.write_bytes(image.read_bytes()[: len(image.read_bytes()) // 2])
+    config = compose_config([f"data.root={root}", "category.name=part", "data.num_workers=2"])
+    with pytest.raises(UserError) as raised:
+        run(config, tmp_path / "out")
+    assert message(raised.value).startswith("Unreadable or corrupt image file")
+    assert "003.png" in message(raised.value) and "\n" not in message(raised.value)
 
 
 def test_crop_larger_than_resize_is_rejected(category: Path) -> None:

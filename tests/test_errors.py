@@ -80,7 +80,7 @@ def assert_one_message(status: int, lines: list[str], message: str) -> None:
     [
         ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),
         ("backbone.name=nonexistent", "Unknown backbone.name 'nonexistent'.*list_models"),
-        ("model.coreset_ratio=1.5", "coreset_ratio must be in"),
+        ("model.coreset_ratio=1.5", "coreset_ratio must be > 0 and <= 1"),
     ],
 )
 def test_train_py_prints_one_message(synthetic_root, tmp_path, override, message) -> None:

@@ -17,6 +17,7 @@ from helpers.synthetic import make_shaped_category
 from patchlab.artifacts.bank import BANK_FILE, bank_digest, read_banks
 from patchlab.artifacts.run_files import OUTPUTS_FILE, SCORES_FILE, load_outputs
 from patchlab.core.metrics import evaluate_outputs
+from patchlab.core.detector import PatchCore
 from patchlab.core.tiles import Stitched, Tiling
 from patchlab.data.geometry import CenterCrop, Fit, Resize
 from patchlab.data.mvtec import read_image
@@ -170,8 +171,10 @@ def test_tiles_cover_the_input_and_stitch_by_averaging() -> None:
     assert tiling.starts(160) == [0, 32, 64, 96] and tiling.starts(64) == [0]
     with pytest.raises(SettingError, match="multiple of 32"):
         tiling.starts(100)
-    with pytest.raises(SettingError, match="tile_size"):
-        Tiling(48, 16)
+    with pytest.raises(SettingError, match="tile_size must be > 0 and multiple of 32"):
+        PatchCore(None, tile_size=48, tile_overlap=16)
+    with pytest.raises(SettingError, match=r"tile_overlap must .* and < tile_size \(64\)"):
+        PatchCore(None, tile_size=64, tile_overlap=64)
     stitched = Stitched(64, 64, 96)
     stitched.add((0, 0), torch.full((1, 8, 8), 1.0))
     stitched.add((0, 32), torch.full((1, 8, 8), 3.0))

@@ -31,10 +31,14 @@ def pixels(seed: int, size: tuple[int, int], channels: int = 3) -> np.ndarray:
 
 
 def refused(path: Path) -> None:
+    """Decoding names the file; the header-only scan either names it too or lets it through
+    to the decode (a truncated file's header is intact)."""
     with pytest.raises(ValueError, match=re.escape(path.name)):
         read_image(path)
-    with pytest.raises(ValueError, match=re.escape(path.name)):
+    try:
         image_size(path)
+    except ValueError as error:
+        assert path.name in str(error)
 
 
 @SETTINGS

@@ -26,8 +26,8 @@ from patchlab.core.features import FeatureExtractor
 from patchlab.core.search import SearchIndex, nearest_neighbours
 from patchlab.data.geometry import Geometry
 from patchlab.errors import UserError
-from patchlab.jobs.build import check_settings
 from patchlab.jobs.pipeline import run
+from patchlab.jobs.settings import check_settings
 from patchlab.training.datamodule import AnomalyDataModule
 from patchlab.tuning.study import ThresholdTuning
 
@@ -120,13 +120,13 @@ def test_a_users_own_category_folder(synthetic_root: Path, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.coreset_ratio=0", "^model.coreset_ratio must be in"),
-        ("model.coreset_ratio=1.5", "^model.coreset_ratio must be in"),
+        ("model.coreset_ratio=0", "^model.coreset_ratio must be > 0 and <= 1"),
+        ("model.coreset_ratio=1.5", "^model.coreset_ratio must be > 0 and <= 1"),
         ("model.num_neighbors=500", "^model.num_neighbors=500 is larger than the memory bank"),
         ("search=ivf search.ivf_lists=100000", "^search.ivf_lists=100000 is larger than"),
         ("search=ivf search.ivf_probes=0", "^search.ivf_probes must be >= 1"),
-        ("sampler.coreset_dtype=int8", "^sampler.coreset_dtype must be one of"),
-        ("model.feature_dtype=int8", "^model.feature_dtype must be one of"),
+        ("sampler.coreset_dtype=int8", "^sampler.coreset_dtype must be in \\[.float32."),
+        ("model.feature_dtype=int8", "^model.feature_dtype must be in \\[.float32."),
         ("backbone.layers=[layer9]", "Unknown feature layer"),
         ("backbone.name=not_a_model", "Unknown backbone.name"),
         ("category.name=nothing_here", "Category folder .*nothing_here does not exist"),

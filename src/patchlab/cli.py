@@ -15,7 +15,7 @@ import importlib
 import sys
 from pathlib import Path
 
-from patchlab.errors import UserError, exit_on_user_error
+from patchlab.errors import UserError, exit_now, exit_on_user_error
 
 COMMANDS = {  # train is Hydra's; the others take argparse arguments
     "train": "patchlab.jobs.train",
@@ -48,6 +48,7 @@ def train(argv: list[str]) -> None:
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     sys.argv = ["patchlab train", *argv]
     main(exit_on_user_error(job))()
+    exit_now()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ is the detector's `coreset_ratio`, not the sampler's.
 import math
 import threading
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import Generator, Tensor
 from tqdm.auto import tqdm
 
 from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
-from patchlab.errors import SettingError
+from patchlab.errors import check_limits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 Stop = Callable[[], None]  # raises to abandon a long computation; returns to let it go on
@@ -66,16 +67,18 @@ class GreedyCoresetSampler(CoresetSampler):
         progress: Show a progress bar with steps/s.
     """
 
+    LIMITS: ClassVar = {  # a literal for the preflight
+        "projection_dim": [(">=", 1)],
+        "coreset_dtype": [("in", ["float32", "bfloat16", "float16"])],
+    }
+
     def __init__(
         self,
         projection_dim: int | None = 128,
         coreset_dtype: str = "float32",
         progress: bool = True,
     ) -> None:
-        if coreset_dtype not in _DTYPES:
-            raise SettingError(
-                f"{{coreset_dtype}} must be one of {list(_DTYPES)}, got {coreset_dtype!r}"
-            )
+        check_limits(self.LIMITS, locals())
         self.projection_dim = projection_dim
         self.dtype = _DTYPES[coreset_dtype]
         self.progress = progress

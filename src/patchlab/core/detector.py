@@ -1,12 +1,12 @@
 """PatchCore as one pure-torch object: embed images, fit memory banks, score images.
 
 The test pass, `predict`, the exported engines and the MLflow model all score through
-`PatchCore.predict`. Only the embedder (images -> patch embeddings) differs between them:
-the torch backbones here, or an ONNX Runtime / OpenVINO graph of the same modules.
+`PatchCore.predict`; only the embedder (images -> patch embeddings) differs between them.
 """
 
 import math
 from collections.abc import Callable, Iterator
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -19,7 +19,7 @@ from patchlab.core.patches import Embedder, TorchEmbedder, flatten_patches, grid
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import ExactIndex, SearchIndex
 from patchlab.core.tiles import Tiling
-from patchlab.errors import SettingError
+from patchlab.errors import check_limits
 
 FEATURE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -43,6 +43,14 @@ class PatchCore(nn.Module):
             pixels (for high-resolution parts; see `core/tiles.py`); None: the whole input.
     """
 
+    LIMITS: ClassVar = {  # a literal for the preflight
+        "coreset_ratio": [(">", 0), ("<=", 1)],
+        "num_neighbors": [(">=", 1)],
+        "feature_dtype": [("in", ["float32", "float16"])],
+        "tile_size": [(">", 0), ("multiple of", 32)],
+        "tile_overlap": [(">=", 0), ("multiple of", 32), ("<", "tile_size")],
+    }
+
     def __init__(
         self,
         backbone: FeatureExtractor | BackboneEnsemble | None,
@@ -60,12 +68,7 @@ class PatchCore(nn.Module):
         tile_overlap: int = 32,
     ) -> None:
         super().__init__()
-        if not 0 < coreset_ratio <= 1:
-            raise SettingError(f"{{coreset_ratio}} must be in (0, 1], got {coreset_ratio}")
-        if feature_dtype not in FEATURE_DTYPES:
-            raise SettingError(
-                f"{{feature_dtype}} must be one of {list(FEATURE_DTYPES)}, got {feature_dtype!r}"
-            )
+        check_limits(self.LIMITS, locals())
         self.embedder: Embedder | None = None
         if backbone is not None:
             self.embedder = TorchEmbedder(backbone, patch_size, embedding_dim, forward_chunk)
@@ -73,7 +76,6 @@ class PatchCore(nn.Module):
         self.coreset_ratio, self.num_neighbors = coreset_ratio, num_neighbors
         self.blur_sigma, self.seed = blur_sigma, seed
         self.feature_dtype = FEATURE_DTYPES[feature_dtype]
-        NearestNeighbourScorer(num_neighbors)  # checks num_neighbors before any work
         self.tiling = Tiling(tile_size, tile_overlap) if tile_size is not None else None
         self.scorers: list[NearestNeighbourScorer] = []
         self.banks: list[torch.Tensor] = []
@@ -111,11 +113,9 @@ class PatchCore(nn.Module):
     ) -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
         """Each member's embeddings of the batch (tile by tile when tiling), with the pixel
         validity they cover: what `PatchCollector.add` takes."""
-        if self.tiling is None:
-            yield self.embed(images), valid
-            return
-        for _, tile, tile_valid in self.tiling.crops(images, valid):
-            yield self.embed(tile), tile_valid
+        pieces = self.tiling.crops(images, valid) if self.tiling else [(None, images, valid)]
+        for _, piece, piece_valid in pieces:
+            yield self.embed(piece), piece_valid
 
     def fit(self, features: list[torch.Tensor], stop: Stop | None = None) -> None:
         """Selects each member's bank from its (N, D) training patches and indexes it.

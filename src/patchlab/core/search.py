@@ -6,11 +6,12 @@ Indexes answer on the device of the queries; a bank on a GPU is searched there.
 """
 
 import math
+from typing import ClassVar
 
 import faiss
 import torch
 
-from patchlab.errors import SettingError
+from patchlab.errors import SettingError, check_limits
 
 
 def nearest_neighbours(
@@ -102,11 +103,14 @@ class IVFIndex(_FaissIndex):
         ivf_probes: Cells searched per query; more is slower and closer to exact.
     """
 
+    LIMITS: ClassVar = {
+        "ivf_lists": [(">=", 1)],
+        "ivf_probes": [(">=", 1)],
+    }  # a literal for the preflight
+
     def __init__(self, ivf_lists: int | None = None, ivf_probes: int = 8) -> None:
         super().__init__()
-        for name, value in (("ivf_lists", ivf_lists), ("ivf_probes", ivf_probes)):
-            if value is not None and value < 1:
-                raise SettingError(f"{{{name}}} must be >= 1, got {value}")
+        check_limits(self.LIMITS, locals())
         self.ivf_lists = ivf_lists
         self.ivf_probes = ivf_probes
 

@@ -24,12 +24,7 @@ class Tiling:
     """
 
     def __init__(self, size: int, overlap: int = 32) -> None:
-        if size <= 0 or size % ALIGN or overlap < 0 or overlap % ALIGN or overlap >= size:
-            raise SettingError(
-                f"{{tile_size}}={size} and {{tile_overlap}}={overlap} must be multiples of "
-                f"{ALIGN}, with the overlap below the tile size"
-            )
-        self.size, self.overlap = size, overlap
+        self.size, self.overlap = size, overlap  # checked by PatchCore.LIMITS
 
     def starts(self, length: int) -> list[int]:
         """Where tiles start along a side of `length` pixels."""

@@ -8,12 +8,13 @@ wherever nothing was scored: outside a crop, in padding. Nothing is ever filled 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from patchlab.errors import SettingError
+from patchlab.errors import SettingError, check_limits
 
 Size = tuple[int, int]  # (height, width)
 
@@ -109,13 +110,6 @@ class Geometry:
         return sampled[0, 0].masked_fill(~(inside_y[:, None] & inside_x[None, :]), float("nan"))
 
 
-def _check_size(size: object, setting: str) -> Size:
-    pair = isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
-    if not (pair and all(isinstance(s, int) and s > 0 for s in size)):
-        raise SettingError(f"{{{setting}}} must be [height, width] in pixels, got {size!r}")
-    return int(size[0]), int(size[1])
-
-
 class CenterCrop(Geometry):
     """The seed's recipe: the short side resized to `resize`, then the centre `crop_size`
     square. Keeps MVTec results comparable; on other aspect ratios it drops the ends.
@@ -125,9 +119,13 @@ class CenterCrop(Geometry):
         crop_size: Side of the centre square the model sees.
     """
 
+    LIMITS: ClassVar = {
+        "resize": [(">", 0)],
+        "crop_size": [(">", 0), ("<=", "resize")],
+    }  # a literal for the preflight
+
     def __init__(self, resize: int = 256, crop_size: int = 224) -> None:
-        if crop_size > resize:
-            raise SettingError(f"{{crop_size}} ({crop_size}) must not exceed {{resize}} ({resize})")
+        check_limits(self.LIMITS, locals())
         self.resize, self.crop_size = resize, crop_size
         self._steps = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(crop_size)])
         self._mask_steps = v2.Compose(
@@ -168,8 +166,11 @@ class Resize(Geometry):
         size: [height, width] of the model input.
     """
 
+    LIMITS: ClassVar = {"size": [("is", "[height, width]")]}  # a literal for the preflight
+
     def __init__(self, size: Sequence[int]) -> None:
-        self.shape = _check_size(size, "size")
+        check_limits(self.LIMITS, {"size": list(size)})
+        self.shape = int(size[0]), int(size[1])
 
     def size(self) -> Size:
         return self.shape
@@ -188,8 +189,11 @@ class Fit(Geometry):
         size: [height, width] of the model input.
     """
 
+    LIMITS: ClassVar = {"size": [("is", "[height, width]")]}  # a literal for the preflight
+
     def __init__(self, size: Sequence[int]) -> None:
-        self.shape = _check_size(size, "size")
+        check_limits(self.LIMITS, {"size": list(size)})
+        self.shape = int(size[0]), int(size[1])
 
     def size(self) -> Size:
         return self.shape

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from patchlab.data.preprocessing import Preprocessing
+from patchlab.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 GOOD = "good"
@@ -59,34 +60,38 @@ def require_images(folder: Path, what: str) -> list[Path]:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) once upright; reads the header and checks the whole file decodes,
-    naming the file when it does not."""
+    """(width, height) once upright, from the file's header alone.
+
+    A file that is no image, or that Pillow refuses as a decompression bomb, fails here naming
+    it; the pixels are decoded once, when the run reads them, and a truncated file fails then,
+    naming it too. A PNG's EXIF orientation counts when its eXIf chunk precedes the pixels
+    (finding a later one would mean decoding the image).
+    """
     try:
         with Image.open(path) as image:
-            size, kind = image.size, image.format
-            turned = image.getexif().get(EXIF_ORIENTATION, 1) in TRANSPOSED
-        with Image.open(path) as image:
-            # PNG's verify checks every chunk's CRC without decoding; other formats' verify
-            # reads only headers (a truncated JPEG passes), so they are decoded.
-            if kind == "PNG":
-                image.verify()
+            size = image.size
+            if image.format == "PNG":
+                exif = Image.Exif()
+                if image.info.get("exif"):
+                    exif.load(image.info["exif"])
             else:
-                image.load()
+                exif = image.getexif()  # JPEG, TIFF: read from the header
+            turned = exif.get(EXIF_ORIENTATION, 1) in TRANSPOSED
     except Image.DecompressionBombError as error:
-        raise ValueError(f"Refused image file {path}: {error}") from error
+        raise UserError(f"Refused image file {path}: {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"Unreadable or corrupt image file {path}: {error}") from error
+        raise UserError(f"Unreadable or corrupt image file {path}: {error}") from error
     return (size[1], size[0]) if turned else size
 
 
 def upright_size(path: Path) -> tuple[int, int]:
-    """(height, width) once upright; the file checked to decode (see `image_size`)."""
+    """(height, width) once upright, from the header (see `image_size`)."""
     width, height = image_size(path)
     return height, width
 
 
 def good_samples(images: list[Path]) -> list[Sample]:
-    """Good samples of `images`, each checked to decode."""
+    """Good samples of `images`, each with its size from its header."""
     return [Sample(path, GOOD, size=upright_size(path)) for path in images]
 
 
@@ -178,9 +183,9 @@ def decode_image(source: Path | BinaryIO, name: str, mode: str = "RGB") -> torch
             upright = _eight_bit(ImageOps.exif_transpose(image))
             return v2.functional.pil_to_tensor(upright.convert(mode))
     except Image.DecompressionBombError as error:
-        raise ValueError(f"Refused image file {name}: {error}") from error
+        raise UserError(f"Refused image file {name}: {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"Unreadable or corrupt image file {name}: {error}") from error
+        raise UserError(f"Unreadable or corrupt image file {name}: {error}") from error
 
 
 def read_image(path: Path, mode: str = "RGB") -> torch.Tensor:

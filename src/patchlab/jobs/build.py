@@ -6,16 +6,14 @@ Constructors name the settings they reject; this layer adds where those live in 
 UserError, with the original error as its cause.
 """
 
-import inspect
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytorch_lightning as pl
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
 from patchlab.core.coreset import Stop
 from patchlab.core.detector import PatchCore
@@ -26,14 +24,7 @@ from patchlab.training.lightning_module import PatchCoreModule
 from patchlab.tuning.study import ThresholdTuning
 
 T = TypeVar("T")
-# Arguments this layer passes itself; a config file naming one would be overridden silently.
-PASSED_BY_BUILD = {
-    "model": {"backbone", "sampler", "search"},
-    "data": {"holdout"},
-    "trainer": {"callbacks"},
-}
 SETTING_GROUPS = ("model", "search", "sampler", "data.geometry", "data", "backbone")
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the project's, for hints only
 
 
 def underlying_error(error: Exception) -> Exception:
@@ -65,55 +56,6 @@ def configured(group: str, make: Callable[[], T], cfg: DictConfig | None = None)
         return make()
     except Exception as error:
         raise UserError(user_message(error, group, cfg)) from error
-
-
-def _target_nodes(node: object, path: str) -> Iterator[tuple[str, DictConfig]]:
-    """Every config node with a `_target_`, with its dotted path."""
-    if isinstance(node, DictConfig):
-        if "_target_" in node:
-            yield path, node
-        for key in node:
-            yield from _target_nodes(node._get_node(key), f"{path}.{key}" if path else str(key))
-    elif isinstance(node, ListConfig):
-        for i, item in enumerate(node):
-            yield from _target_nodes(item, f"{path}[{i}]")
-
-
-def options_with(group: str, key: str) -> list[str]:
-    """The `conf/<group>/` files that set `key`: where a misplaced setting belongs."""
-    folder = CONF_DIR / group
-    if not folder.is_dir():
-        return []
-    return sorted(
-        f"{group}={path.stem}"
-        for path in folder.glob("*.yaml")
-        if any(line.startswith(f"{key}:") for line in path.read_text().splitlines())
-    )
-
-
-def check_settings(cfg: DictConfig) -> None:
-    """Every setting under a `_target_` must be an argument of that target.
-
-    Hydra would otherwise build the class and a stray key would fail deep inside it, or, for
-    keys this layer never passes on, be logged to MLflow as if it had mattered.
-    """
-    for path, node in _target_nodes(cfg, ""):
-        target = configured(path, lambda node=node: get_object(node._target_))
-        parameters = inspect.signature(target).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-            continue
-        passed = PASSED_BY_BUILD.get(path, set())
-        for key in node:
-            if str(key).startswith("_"):
-                continue
-            if key not in parameters or key in passed:
-                takes = sorted(set(parameters) - passed) or ["no settings"]
-                elsewhere = options_with(path, str(key))
-                hint = f"; it is a setting of {', '.join(elsewhere)}" if elsewhere else ""
-                raise UserError(
-                    f"{path}.{key} is not a setting of {node._target_} (it takes: "
-                    f"{', '.join(takes)}){hint}"
-                )
 
 
 def build_tuning(cfg: DictConfig) -> ThresholdTuning | None:

@@ -8,9 +8,7 @@ UI groups a sweep's jobs and shows its summary on the parent.
 import logging
 import traceback
 from pathlib import Path
-from typing import Any
 
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from pandas import DataFrame
 
@@ -75,43 +73,36 @@ def sweep_results(
     return metrics, tags, status
 
 
-class SweepSummary(Callback):
-    """Opens the sweep's MLflow run before parallel jobs start; summarises the sweep at its end.
+def start(config: DictConfig) -> None:
+    """At the sweep's start: the stop handlers for the basic launcher, the parent run."""
+    if str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
+        stages.catch_stop_signals()
+    if config.tracking.enabled:
+        start_sweep_run(config, Path(config.hydra.sweep.dir))
 
-    With the basic launcher, which runs every job in the sweep's own process, a stop signal
-    ends the running job as KILLED, marks the jobs not yet started as KILLED too, and still
-    writes the summary; the sweep then exits with the signal's status. Other launchers' jobs
-    are processes of their own and handle their signals themselves; their controller keeps
-    the default handlers, so Ctrl+C stops it at once.
-    """
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        if str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
-            stages.catch_stop_signals()
-        if config.tracking.enabled:
-            start_sweep_run(config, Path(config.hydra.sweep.dir))
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        run_id = parent_run_id(str(sweep_dir)) if config.tracking.enabled else None
-        try:
-            table, picked, paths = write_summary(sweep_dir)
-        except Exception:
-            if run_id:  # never leave the sweep's run looking as if it were still going
-                fail_sweep_run(config, run_id)
-            raise
-        log.info("Sweep summary:\n%s", paths[1].read_text())
-        if run_id:
-            metrics, tags, status = sweep_results(table, picked)
-            experiment = finish_sweep_run(config, run_id, metrics, tags, paths, status)
-            view = runs_view_url(ui_url(tracking_uri(config.tracking)), experiment)
-            log.info("Compare the runs: %s", view)
-        failed = [name for name, _, _ in failures(table)]
-        # Hydra turns a callback's exception into a warning; a sweep with failures must
-        # still exit non-zero for the scripts and CI jobs that launch it.
-        if stages.received() is not None:
-            log.error("Sweep stopped by a signal; see %s", paths[1])
-            raise SystemExit(128 + stages.received())
-        if failed:
-            log.error("%d jobs failed or were killed: %s; see %s", len(failed), failed, paths[1])
-            raise SystemExit(1)
+def finish(config: DictConfig) -> None:
+    """At the sweep's end: the summary, the parent run's results, the exit status."""
+    sweep_dir = Path(config.hydra.sweep.dir)
+    run_id = parent_run_id(str(sweep_dir)) if config.tracking.enabled else None
+    try:
+        table, picked, paths = write_summary(sweep_dir)
+    except Exception:
+        if run_id:  # never leave the sweep's run looking as if it were still going
+            fail_sweep_run(config, run_id)
+        raise
+    log.info("Sweep summary:\n%s", paths[1].read_text())
+    if run_id:
+        metrics, tags, status = sweep_results(table, picked)
+        experiment = finish_sweep_run(config, run_id, metrics, tags, paths, status)
+        view = runs_view_url(ui_url(tracking_uri(config.tracking)), experiment)
+        log.info("Compare the runs: %s", view)
+    failed = [name for name, _, _ in failures(table)]
+    # Hydra turns a callback's exception into a warning; a sweep with failures must
+    # still exit non-zero for the scripts and CI jobs that launch it.
+    if stages.received() is not None:
+        log.error("Sweep stopped by a signal; see %s", paths[1])
+        raise SystemExit(128 + stages.received())
+    if failed:
+        log.error("%d jobs failed or were killed: %s; see %s", len(failed), failed, paths[1])
+        raise SystemExit(1)

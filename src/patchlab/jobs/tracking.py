@@ -29,6 +29,7 @@ from patchlab.artifacts.store import RUNS_VIEW, run_url, tracking_uri, tracking_
 from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
+from patchlab.errors import message
 from patchlab.jobs import stages
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def first_error(error: BaseException) -> BaseException:
 def describe(error: BaseException) -> str:
     """`Type: message` of the failure's first error, as tags and summaries show it."""
     first = first_error(error)
-    return f"{type(first).__name__}: {first}"
+    return f"{type(first).__name__}: {message(first)}"
 
 
 def short_backbone(name: str) -> str:

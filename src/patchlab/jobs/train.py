@@ -1,5 +1,9 @@
 """What one Hydra job does: a category trained, tested and logged, or reused, or recorded as
-failed or killed so that the rest of a sweep goes on."""
+failed or killed so that the rest of a sweep goes on.
+
+The config is checked before the heavy imports (torch, Lightning, MLflow): a bad setting
+answers in a second or two.
+"""
 
 import logging
 from pathlib import Path
@@ -10,18 +14,19 @@ from omegaconf import DictConfig
 
 from patchlab.errors import UserError
 from patchlab.jobs import stages
-from patchlab.jobs.build import check_settings
-from patchlab.jobs.pipeline import run
-from patchlab.jobs.resume import finished_run, reuse
-from patchlab.jobs.sweep import record_failure, record_killed
-from patchlab.jobs.tracking import tracked_run
+from patchlab.jobs.settings import check_settings
 
 log = logging.getLogger(__name__)
 
 
 def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[str, float]:
     """With resume=true, a FINISHED run of the same config answers for the job."""
+    from patchlab.jobs.pipeline import run
+    from patchlab.jobs.tracking import tracked_run
+
     if cfg.get("resume"):
+        from patchlab.jobs.resume import finished_run, reuse
+
         found = finished_run(cfg)
         if found is not None:
             log.info("resume=true: reusing finished run %s", found.info.run_id)
@@ -56,6 +61,8 @@ def job(cfg: DictConfig) -> float:
             tracked = "; its MLflow run is KILLED" if cfg.tracking.enabled else ""
             log.error("Run %s%s", stop, tracked)
             raise SystemExit(stop.exit_code) from None
+        from patchlab.jobs.sweep import record_failure, record_killed
+
         if stop is None:
             record_failure(output_dir, error)
         else:

@@ -5,6 +5,7 @@ import multiprocessing
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -24,6 +25,7 @@ from patchlab.data.mvtec import (
     seeded_split,
 )
 from patchlab.data.preprocessing import MASK_LEVEL, Preprocessing
+from patchlab.errors import check_limits
 
 log = logging.getLogger(__name__)
 UNSEEN_WARNING = 0.25  # share of an image a geometry may drop without saying so
@@ -78,6 +80,7 @@ class AnomalyDataModule(pl.LightningDataModule):
 
     name = "data"
     no_masks_reason = "no masks"  # logged once when the test set is image-only
+    LIMITS: ClassVar = {"batch_size": [(">=", 1)], "num_workers": [(">=", 0)]}  # a literal
 
     def __init__(
         self,
@@ -90,6 +93,7 @@ class AnomalyDataModule(pl.LightningDataModule):
         holdout: int = 0,
     ) -> None:
         super().__init__()
+        check_limits(self.LIMITS, locals())
         geometry = geometry if geometry is not None else CenterCrop()
         ignore = None
         if ignore_mask is not None:

@@ -10,6 +10,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import optuna
 import torch
@@ -24,7 +25,7 @@ from patchlab.core.metrics import (
 )
 from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import ALL, RankedCounts, rank
-from patchlab.errors import SettingError
+from patchlab.errors import SettingError, check_limits
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, value_range
 from patchlab.tuning.split import stratified_split
 
@@ -37,7 +38,6 @@ SEARCH_SPACE = {
     "close_radius": {"low": 0, "high": 6},
     "min_area": {"low": 0, "high": 500},
 }
-VALIDATIONS = ("test_split", "synthetic")
 
 
 @dataclass
@@ -123,6 +123,12 @@ class ThresholdTuning:
         search_space: `{knob: {low, high}}` over PostProcessing's fields, `sigma` included.
     """
 
+    LIMITS: ClassVar = {  # a literal for the preflight (see errors.check_limits)
+        "validation": [("in", ["test_split", "synthetic"])],
+        "synthetic_images": [(">=", 1)],
+        "val_fraction": [(">", 0), ("<", 1)],
+        "n_trials": [(">=", 1)],
+    }
     validation: str = "test_split"
     synthetic_images: int = 20
     val_fraction: float = 0.5
@@ -134,14 +140,7 @@ class ThresholdTuning:
     def __post_init__(self) -> None:
         if isinstance(self.search_space, DictConfig):
             self.search_space = OmegaConf.to_container(self.search_space, resolve=True)
-        if self.validation not in VALIDATIONS:
-            raise SettingError(
-                f"{{validation}} must be one of {list(VALIDATIONS)}, got {self.validation!r}"
-            )
-        if not 0 < self.val_fraction < 1:
-            raise SettingError(f"{{val_fraction}} must be in (0, 1), got {self.val_fraction}")
-        if self.n_trials < 1:
-            raise SettingError(f"{{n_trials}} must be >= 1, got {self.n_trials}")
+        check_limits(self.LIMITS, vars(self))
         unknown = set(self.search_space) - set(SEARCH_SPACE)
         if unknown or "sigma" not in self.search_space:
             raise SettingError(
