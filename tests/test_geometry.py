@@ -16,8 +16,8 @@ from helpers.configs import compose_config
 from helpers.synthetic import make_shaped_category
 from patchlab.artifacts.bank import BANK_FILE, bank_digest, read_banks
 from patchlab.artifacts.run_files import OUTPUTS_FILE, SCORES_FILE, load_outputs
-from patchlab.core.metrics import evaluate_outputs
 from patchlab.core.detector import PatchCore
+from patchlab.core.metrics import evaluate_outputs
 from patchlab.core.tiles import Stitched, Tiling
 from patchlab.data.geometry import CenterCrop, Fit, Resize
 from patchlab.data.mvtec import read_image
