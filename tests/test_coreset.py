@@ -12,7 +12,9 @@ from omegaconf import OmegaConf
 
 from helpers.configs import ROOT
 from patchlab.core.coreset import (
+    CoresetSampler,
     GreedyCoresetSampler,
+    GroupedGreedyCoresetSampler,
     PrunedGreedyCoresetSampler,
     random_projection,
     stoppable,
@@ -165,3 +167,62 @@ def test_random_features_reach_the_reference_coverage(
     assert selected[0] == first and len(selected) == keep
     expected = coverage(points, reference(points, first, keep))
     assert coverage(points, selected) == pytest.approx(expected, rel=1e-5, abs=1e-6 * scale)
+
+
+def test_grouped_selection_is_greedy_when_every_group_is_updated() -> None:
+    """With each centre lowering every group the grouped rounds are exact greedy: the same
+    picks as the plain loop (up to a rounding near-tie) and the same coverage."""
+    features = clustered(4_000, 32, seed=5)
+    keep = 400
+    plain = GreedyCoresetSampler(projection_dim=16, progress=False)
+    grouped = GroupedGreedyCoresetSampler(projection_dim=16, groups=8, neighbours=8, progress=False)
+    a = plain.select(features, keep, torch.Generator().manual_seed(0)).tolist()
+    b = grouped.select(features, keep, torch.Generator().manual_seed(0)).tolist()
+    assert a[:50] == b[:50]
+    points = random_projection(features, 16, torch.Generator().manual_seed(0)).double().numpy()
+    assert coverage(points, b) == pytest.approx(coverage(points, a), rel=1e-4)
+
+
+def test_grouped_selection_covers_nearly_as_well_as_exact_greedy() -> None:
+    features = clustered(12_000, 64, seed=6)
+    keep = 600
+    exact = GreedyCoresetSampler(projection_dim=32, progress=False)
+    grouped = GroupedGreedyCoresetSampler(projection_dim=32, groups=32, progress=False)
+    a = exact.select(features, keep, torch.Generator().manual_seed(0)).tolist()
+    b = grouped.select(features, keep, torch.Generator().manual_seed(0)).tolist()
+    assert len(set(b)) == keep
+    points = features.double().numpy()
+    assert coverage(points, b) <= 1.05 * coverage(points, a)
+    anything = torch.randperm(len(features), generator=torch.Generator().manual_seed(0))
+    assert coverage(points, anything[:keep].tolist()) > 1.2 * coverage(points, b)
+
+
+def test_the_default_sampler_approximates_only_above_its_size() -> None:
+    default = OmegaConf.load(ROOT / "conf" / "sampler" / "greedy_coreset.yaml")
+    assert default.approximate_above == 300_000
+    features = clustered(5_000, 16, seed=7)
+
+    def chosen(sampler: CoresetSampler) -> list[int]:
+        return sampler.select(features, 200, torch.Generator().manual_seed(0)).tolist()
+
+    grouped = chosen(GroupedGreedyCoresetSampler(progress=False))
+    exact = chosen(PrunedGreedyCoresetSampler(progress=False))
+    assert chosen(PrunedGreedyCoresetSampler(progress=False, approximate_above=4_999)) == grouped
+    assert chosen(PrunedGreedyCoresetSampler(progress=False, approximate_above=5_000)) == exact
+    assert grouped != exact
+
+
+def test_grouped_selection_can_be_stopped_between_rounds() -> None:
+    calls = []
+
+    def stop() -> None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    sampler = GroupedGreedyCoresetSampler(groups=16, candidates=8, progress=False)
+    threads = torch.get_num_threads()
+    with pytest.raises(KeyboardInterrupt):
+        sampler.select(clustered(5_000, 16, seed=8), 500, torch.Generator().manual_seed(0), stop)
+    assert len(calls) == 2
+    assert torch.get_num_threads() == threads
