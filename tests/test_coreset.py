@@ -226,3 +226,15 @@ def test_grouped_selection_can_be_stopped_between_rounds() -> None:
         sampler.select(clustered(5_000, 16, seed=8), 500, torch.Generator().manual_seed(0), stop)
     assert len(calls) == 2
     assert torch.get_num_threads() == threads
+
+
+def test_prepare_compiles_in_another_process_and_the_selection_waits_for_it() -> None:
+    sampler = PrunedGreedyCoresetSampler(progress=False)
+    sampler.prepare()
+    features = clustered(3_000, 16, seed=9)
+    chosen = sampler.select(features, 30, torch.Generator().manual_seed(0))
+    assert sampler.compiling is not None and sampler.compiling.returncode == 0
+    again = PrunedGreedyCoresetSampler(progress=False).select(
+        features, 30, torch.Generator().manual_seed(0)
+    )
+    assert chosen.tolist() == again.tolist()

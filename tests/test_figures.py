@@ -100,3 +100,21 @@ def test_report_table_equals_the_metrics_in_mlflow(tracked_run_dir: Path) -> Non
     text = page.read_text()
     assert text.count("data:image/png;base64,") == 2 + 4 and "<table" in text
     assert f"{table.loc['bottle', 'image_auroc']:.4f}" in markdown.read_text()
+
+
+def test_a_run_with_figures_off_draws_nothing(synthetic_root: Path, tmp_path: Path) -> None:
+    metrics = tracked([f"data.root={synthetic_root}", "figures.enabled=false"], tmp_path / "run")
+    assert metrics["image_auroc"] >= 0
+    assert (tmp_path / "run" / "metrics.json").exists()
+    assert not (tmp_path / "run" / "heatmaps").exists()
+    assert not (tmp_path / "run" / "figures").exists()
+
+
+def test_a_run_imports_optuna_and_mlflow_model_code_only_when_used() -> None:
+    """What an untuned run imports; optuna, numba and MLflow's pyfunc cost seconds in all."""
+    code = (
+        "import sys, patchlab.jobs.train, patchlab.jobs.pipeline, patchlab.jobs.tracking;"
+        "print([m for m in ('optuna', 'numba', 'mlflow.pyfunc', 'seaborn') if m in sys.modules])"
+    )
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert found.stdout.strip() == "[]"

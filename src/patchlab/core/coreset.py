@@ -6,6 +6,8 @@ is the detector's `coreset_ratio`, not the sampler's.
 """
 
 import math
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +19,6 @@ import torch
 from torch import Generator, Tensor
 from tqdm.auto import tqdm
 
-from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
 from patchlab.errors import check_limits
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,6 +51,9 @@ class CoresetSampler:
         if keep >= len(features):
             return torch.arange(len(features))
         return self.choose(features, keep, generator, stop)
+
+    def prepare(self) -> None:
+        """Starts, in the background, any one-off work `choose` will need (a compile)."""
 
     def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
         raise NotImplementedError
@@ -319,6 +323,19 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         super().__init__(projection_dim, coreset_dtype, progress)
         check_limits(self.LIMITS, locals())
         self.approximate_above = approximate_above
+        self.compiling: subprocess.Popen | None = None
+
+    def prepare(self) -> None:
+        """Compiles the selection in another process while the features are extracted.
+
+        numba compiles it on first use after an install (about 30 s of one core) and caches
+        the machine code in the package's `__pycache__`; later runs load it in 0.5 s. A
+        separate process keeps the compile off this one's GIL; `choose` waits for it, then
+        loads what it cached.
+        """
+        if self.compiling is None:
+            command = [sys.executable, "-m", "patchlab.core.pruned_greedy"]
+            self.compiling = subprocess.Popen(command, stdout=subprocess.DEVNULL)
 
     def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
         count = features.shape[0]
@@ -328,6 +345,10 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         if self.approximate_above is not None and count > self.approximate_above:
             grouped = GroupedGreedyCoresetSampler(self.projection_dim, progress=self.progress)
             return grouped.choose(features, keep, rng, stop)
+        if self.compiling is not None:
+            self.compiling.wait()
+        from patchlab.core.pruned_greedy import bound_basis, pruned_greedy  # numba, when used
+
         projected = random_projection(features, self.projection_dim, rng)
         first = int(torch.randint(count, (1,), generator=rng))  # the plain loop's draw
         points = np.ascontiguousarray(projected.numpy(), dtype=np.float32)

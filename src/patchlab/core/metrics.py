@@ -159,9 +159,9 @@ def _threshold_metrics(prefix: str, counts: RankedCounts) -> dict[str, float]:
 def precision_recall_f1(predicted: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
     """Precision, recall and F1 of boolean decisions over all elements: pixels or images."""
     truth = truth.bool()
-    tp = int((predicted & truth).sum())
-    fp = int((predicted & ~truth).sum())
-    fn = int((~predicted & truth).sum())
+    tp = int(torch.count_nonzero(predicted & truth))
+    fp = int(torch.count_nonzero(predicted)) - tp
+    fn = int(torch.count_nonzero(truth)) - tp
     return {
         "precision": tp / max(tp + fp, 1),
         "recall": tp / max(tp + fn, 1),

@@ -26,7 +26,16 @@ from patchlab.errors import UserError
 
 __all__ = ["ENTRY", "MODEL_NAME", "REQUIREMENTS", "SIGNATURE", "PatchCoreModel"]
 ENTRY = Path(__file__).with_name("pyfunc_entry.py")
-REQUIREMENTS = ["torch", "torchvision", "timm", "faiss-cpu", "safetensors", "scipy", "pillow"]
+REQUIREMENTS = [
+    "torch",
+    "torchvision",
+    "timm",
+    "faiss-cpu",
+    "safetensors",
+    "scipy",
+    "pillow",
+    "opencv-python-headless",
+]
 SIGNATURE = ModelSignature(
     inputs=Schema(
         [

@@ -7,7 +7,7 @@ UserError, with the original error as its cause.
 """
 
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -21,7 +21,9 @@ from patchlab.errors import SettingError, UserError
 from patchlab.jobs.stage_marks import StageMarks
 from patchlab.training.datamodule import AnomalyDataModule
 from patchlab.training.lightning_module import PatchCoreModule
-from patchlab.tuning.study import ThresholdTuning
+
+if TYPE_CHECKING:  # built from the config by Hydra: optuna is imported only when tuning
+    from patchlab.tuning.study import ThresholdTuning
 
 T = TypeVar("T")
 SETTING_GROUPS = ("model", "search", "sampler", "data.geometry", "data", "backbone")
@@ -58,7 +60,7 @@ def configured(group: str, make: Callable[[], T], cfg: DictConfig | None = None)
         raise UserError(user_message(error, group, cfg)) from error
 
 
-def build_tuning(cfg: DictConfig) -> ThresholdTuning | None:
+def build_tuning(cfg: DictConfig) -> "ThresholdTuning | None":
     """`threshold=optuna` -> the tuning object; `threshold=none` -> None."""
     if cfg.get("threshold") is None:
         metric = str(cfg.get("optimized_metric", ""))
@@ -76,6 +78,7 @@ def build_detector(cfg: DictConfig) -> PatchCore:
     torch.manual_seed(cfg.seed)  # so even a random-init backbone comes back equal when loaded
     backbone = configured("backbone", lambda: instantiate(cfg.backbone))
     sampler = configured("sampler", lambda: instantiate(cfg.sampler))
+    sampler.prepare()  # a compile, if any, overlaps loading the backbone and extraction
     configured("search", lambda: instantiate(cfg.search))  # its settings, checked once
     search = instantiate(cfg.search, _partial_=True)
     return configured(
@@ -85,7 +88,7 @@ def build_detector(cfg: DictConfig) -> PatchCore:
 
 def build(
     cfg: DictConfig, stop: Stop | None = None
-) -> tuple[AnomalyDataModule, PatchCoreModule, pl.Trainer, ThresholdTuning | None]:
+) -> tuple[AnomalyDataModule, PatchCoreModule, pl.Trainer, "ThresholdTuning | None"]:
     """Instantiates data first, so a bad folder fails before any weights are loaded."""
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     tuning = build_tuning(cfg)

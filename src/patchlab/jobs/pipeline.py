@@ -26,11 +26,8 @@ from patchlab.core.metrics import evaluate_outputs
 from patchlab.jobs import stages
 from patchlab.jobs.build import build
 from patchlab.jobs.tracking import NO_RUN, RunLog
-from patchlab.reporting.render import RunView, render_run
-from patchlab.reporting.study_figures import write_study_figures
 from patchlab.training.datamodule import AnomalyDataModule
 from patchlab.training.lightning_module import expected_warnings_silenced
-from patchlab.tuning.synthetic import synthetic_validation
 
 log = logging.getLogger(__name__)
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
@@ -132,6 +129,8 @@ def run(
         synthetic = None
         if datamodule.holdout_samples:
             images, valid = datamodule.holdout_images()
+            from patchlab.tuning.synthetic import synthetic_validation  # only when used
+
             synthetic = synthetic_validation(detector.predict, images, valid, cfg.seed)
         name = f"{cfg.category.name}:{output_dir.resolve()}"
         found = tuning.run(out, evaluation, parts, cfg.model.blur_sigma, name, synthetic)
@@ -142,12 +141,16 @@ def run(
         run_log.metrics(found.metrics)
     stages.enter("writing results")
     write_scores_csv(out, samples, output_dir / SCORES_FILE)
-    post = found.post if found is not None else None
-    view = RunView.of(cfg, out, samples, decisions["image_threshold"], post, evaluation)
-    drawn = render_run(output_dir, view, cfg.figures)
-    if found is not None and found.study is not None:
-        drawn += write_study_figures(found.study, output_dir)
-    log.info("Figures written: %d", len(drawn))
+    if cfg.figures.enabled:  # matplotlib and seaborn are imported only to draw
+        from patchlab.reporting.render import RunView, render_run
+        from patchlab.reporting.study_figures import write_study_figures
+
+        post = found.post if found is not None else None
+        view = RunView.of(cfg, out, samples, decisions["image_threshold"], post, evaluation)
+        drawn = render_run(output_dir, view, cfg.figures)
+        if found is not None and found.study is not None:
+            drawn += write_study_figures(found.study, output_dir)
+        log.info("Figures written: %d", len(drawn))
     ignore = datamodule.preprocessing.ignore
     save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics, ignore)
     unfinished.unlink()

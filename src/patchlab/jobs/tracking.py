@@ -28,7 +28,6 @@ from patchlab.artifacts.bank import BANK_FILE
 from patchlab.artifacts.store import RUNS_VIEW, run_url, tracking_uri, tracking_uri_set, ui_url
 from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
-from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
 from patchlab.errors import message
 from patchlab.jobs import stages
 
@@ -229,6 +228,9 @@ class RunLog:
         """
         if not self.active:
             return
+        # MLflow's model machinery (~0.5 s of imports) only where a model is logged
+        from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
+
         with stages.held(), warnings.catch_warnings():
             # An input example would make MLflow load the model and score it while logging;
             # the explicit signature already says what goes in and out.

@@ -93,11 +93,13 @@ def suggest(trial: optuna.Trial, space: Mapping) -> dict[str, float]:
 
 
 def _objective(validation: TestOutputs, space: Mapping):
+    truth = validation.masks.bool()  # once, not per trial
+
     def objective(trial: optuna.Trial) -> float:
         params = suggest(trial, space)
         maps = maps_at(validation, params["sigma"])
         predicted = binarize(maps, normalised(maps, **params))
-        return precision_recall_f1(predicted, validation.masks)["f1"]
+        return precision_recall_f1(predicted, truth)["f1"]
 
     return objective
 

@@ -26,7 +26,17 @@ Every bound is a lower bound of the exact distance with a margin for float32 rou
 bound only ever skips what the exact distance would skip too.
 """
 
+import numpy as np
+
 from patchlab.core.pruned_greedy.bounds import bound_basis
 from patchlab.core.pruned_greedy.loop import pruned_greedy
 
-__all__ = ["bound_basis", "pruned_greedy"]
+__all__ = ["bound_basis", "pruned_greedy", "warm_up"]
+
+
+def warm_up() -> None:
+    """Compiles the selection (or loads it from numba's cache) for the argument types
+    `PrunedGreedyCoresetSampler` passes: numba compiles every branch on first call."""
+    points = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    mean, basis = bound_basis(points)
+    pruned_greedy(points, 0, 30, mean, basis)
