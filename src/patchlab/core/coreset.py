@@ -52,7 +52,8 @@ class CoresetSampler:
             return torch.arange(len(features))
         return self.choose(features, keep, generator, stop)
 
-    def prepare(self) -> None:
+    @classmethod
+    def prepare(cls) -> None:
         """Starts, in the background, any one-off work `choose` will need (a compile)."""
 
     def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
@@ -323,19 +324,22 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         super().__init__(projection_dim, coreset_dtype, progress)
         check_limits(self.LIMITS, locals())
         self.approximate_above = approximate_above
-        self.compiling: subprocess.Popen | None = None
 
-    def prepare(self) -> None:
+    compiling: ClassVar[subprocess.Popen | None] = None  # one compile per process
+
+    @classmethod
+    def prepare(cls) -> None:
         """Compiles the selection in another process while the features are extracted.
 
         numba compiles it on first use after an install (about 30 s of one core) and caches
         the machine code in the package's `__pycache__`; later runs load it in 0.5 s. A
         separate process keeps the compile off this one's GIL; `choose` waits for it, then
-        loads what it cached.
+        loads what it cached. A job starts it before its own heavy imports (jobs/train.py).
         """
-        if self.compiling is None:
+        if PrunedGreedyCoresetSampler.compiling is None:
             command = [sys.executable, "-m", "patchlab.core.pruned_greedy"]
-            self.compiling = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            compiling = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            PrunedGreedyCoresetSampler.compiling = compiling
 
     def choose(self, features: Tensor, keep: int, rng: Generator, stop: Stop | None) -> Tensor:
         count = features.shape[0]
@@ -345,8 +349,8 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         if self.approximate_above is not None and count > self.approximate_above:
             grouped = GroupedGreedyCoresetSampler(self.projection_dim, progress=self.progress)
             return grouped.choose(features, keep, rng, stop)
-        if self.compiling is not None:
-            self.compiling.wait()
+        if PrunedGreedyCoresetSampler.compiling is not None:
+            PrunedGreedyCoresetSampler.compiling.wait()
         from patchlab.core.pruned_greedy import bound_basis, pruned_greedy  # numba, when used
 
         projected = random_projection(features, self.projection_dim, rng)

@@ -78,7 +78,6 @@ def build_detector(cfg: DictConfig) -> PatchCore:
     torch.manual_seed(cfg.seed)  # so even a random-init backbone comes back equal when loaded
     backbone = configured("backbone", lambda: instantiate(cfg.backbone))
     sampler = configured("sampler", lambda: instantiate(cfg.sampler))
-    sampler.prepare()  # a compile, if any, overlaps loading the backbone and extraction
     configured("search", lambda: instantiate(cfg.search))  # its settings, checked once
     search = instantiate(cfg.search, _partial_=True)
     return configured(

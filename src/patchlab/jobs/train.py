@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from patchlab.errors import UserError
@@ -21,6 +22,8 @@ log = logging.getLogger(__name__)
 
 def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[str, float]:
     """With resume=true, a FINISHED run of the same config answers for the job."""
+    # The coreset's one-off work (numba's compile after an install) runs beside the imports
+    get_class(cfg.sampler._target_).prepare()
     from patchlab.jobs.pipeline import run
     from patchlab.jobs.tracking import tracked_run
 
