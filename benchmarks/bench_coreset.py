@@ -26,6 +26,7 @@ from patchlab.core.coreset import (
     PrunedGreedyCoresetSampler,
 )
 from patchlab.core.patches import PatchCollector
+from patchlab.core.pruned_greedy import warm_up
 from patchlab.jobs.build import build
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--synthetic", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    warm_up()  # numba's one-off compile (or cache load) outside the timings
     for name in args.data or list(SETS):
         if not DATA.exists():
             raise SystemExit(f"no real data at {DATA} (see ../shared/data/README.md)")
