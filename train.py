@@ -3,10 +3,14 @@
 The same as `patchlab train ...`; Hydra composes conf/ and hands the job to patchlab.jobs.
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from patchlab.errors import exit_now, exit_on_user_error
+from patchlab.jobs.settings import check_group_choices
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -18,5 +22,6 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    exit_on_user_error(check_group_choices)(sys.argv[1:], Path(__file__).parent / "conf")
     main()
     exit_now()

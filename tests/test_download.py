@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers.configs import compose_config
 from helpers.synthetic import make_category
 from patchlab.data.download import download_mvtec
+from patchlab.errors import UserError
+from patchlab.jobs.pipeline import run
 
 
 @pytest.fixture
@@ -37,4 +40,18 @@ def test_offline_download_says_where_to_put_the_data(tmp_path: Path) -> None:
     offline = r"Could not download MVTec AD.*extract it so that.*efficientnet_lite2 data.root="
     with pytest.raises(RuntimeError, match=offline):
         download_mvtec(tmp_path / "data", url="http://127.0.0.1:9/mvtec_anomaly_detection.tar.xz")
-    assert not list((tmp_path / "data").glob("*.part"))
+    assert not (tmp_path / "data").exists()  # what it created is gone: the next run says so
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(RuntimeError, match=offline):
+        download_mvtec(kept, url="http://127.0.0.1:9/mvtec_anomaly_detection.tar.xz")
+    assert kept.is_dir() and not list(kept.iterdir())  # a folder the user made stays, empty
+
+
+def test_an_empty_data_root_says_how_to_fill_it(tmp_path: Path) -> None:
+    (tmp_path / "mvtec_ad").mkdir()
+    config = compose_config([f"data.root={tmp_path / 'mvtec_ad'}", "category=bottle"])
+    with pytest.raises(
+        UserError, match=r"is empty \(no category folders\)\. Download .*data.download=true"
+    ):
+        run(config, tmp_path / "run")

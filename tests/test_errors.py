@@ -3,6 +3,7 @@
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,36 @@ def test_hydra_full_error_keeps_the_traceback(synthetic_root, tmp_path) -> None:
     status, lines = train(synthetic_root, tmp_path, "model.coreset_ratio=0", full_error=True)
     assert status == 1 and "Traceback (most recent call last):" in lines
     assert lines[-1].startswith("patchlab.errors.UserError: ") and "coreset_ratio" in lines[-1]
+
+
+@pytest.mark.parametrize("entry", [["train.py"], ["-m", "patchlab.cli", "train"]])
+def test_a_group_typo_names_the_close_option_and_own_folders(entry: list[str]) -> None:
+    """Before Hydra and before any heavy import: one message, no search path, no option list."""
+    command = [sys.executable, *entry, "-m", "category=bottle,botle", "threshold=optuna"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    first, *rest = done.stderr.strip().splitlines()
+    assert first == (
+        "Error: category=botle: conf/category/ has no botle.yaml; did you mean category=bottle? "
+        "Or, for your own folders: category.name=botle data.root=<folder> (docs/data.md)"
+    )
+    assert rest == ["Set HYDRA_FULL_ERROR=1 for the full traceback."]
+    typo = subprocess.run(
+        [sys.executable, "train.py", "threshold=optunna"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert "did you mean threshold=optuna?" in typo.stderr and "own folders" not in typo.stderr
+
+
+def test_export_without_its_extra_says_how_to_install_it(monkeypatch, capsys, tmp_path) -> None:
+    """Before the source is even looked at: one line and the install command."""
+    from patchlab.deploy.export import main as export_main
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.setitem(sys.modules, "openvino", None)  # as if the extra were absent
+    with pytest.raises(SystemExit) as info:
+        export_main(["no-such-run", "--format", "openvino", "--out", str(tmp_path / "x")])
+    assert info.value.code == 1
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("Error: openvino is not installed; install the export extra: pip")
+    assert second == "Set HYDRA_FULL_ERROR=1 for the full traceback."
+    assert not (tmp_path / "x").exists()

@@ -16,6 +16,7 @@ from helpers.synthetic import make_category, make_folder_layout
 from patchlab.artifacts.bank import BANK_FILE, read_banks
 from patchlab.artifacts.run_files import TestOutputs, load_outputs, save_outputs
 from patchlab.deploy.predict import main as predict_main
+from patchlab.errors import UserError
 from patchlab.jobs.pipeline import run
 from patchlab.reporting.render import load_run, render_run
 
@@ -183,3 +184,23 @@ def test_mask_known_round_trips(tmp_path: Path) -> None:
     )
     loaded = load_outputs(tmp_path / "new.safetensors")
     assert torch.equal(loaded.mask_known, known) and not loaded.pixel_labelled
+
+
+@pytest.mark.parametrize("metric", ["val_pixel_auroc", "aupro"])
+def test_a_pixel_selection_metric_without_masks_is_refused_before_any_work(
+    image_only_root: Path, tmp_path: Path, metric: str
+) -> None:
+    """+preset=quality selects by val_pixel_auroc: on image labels alone it would train, test
+    and tune, then fail at the end. It stops at once with the image metric to use."""
+    overrides = [
+        f"data.root={image_only_root}",
+        "category.name=nomask",
+        "threshold=optuna",
+        f"optimized_metric={metric}",
+    ]
+    image = "val_image_auroc" if metric.startswith("val_") else "image_auroc"
+    wanted = rf"^optimized_metric={metric} needs pixel masks, .*optimized_metric={image}$"
+    with pytest.raises(UserError, match=wanted) as info:
+        run(compose_config(overrides), tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["config.yaml"]

@@ -129,8 +129,12 @@ def exit_now(code: int = 0) -> None:
 
     After a run, finalising torch, Lightning and MLflow and freeing a gigabyte object by
     object took 3-7 s, and none of it matters to a run whose files are written, whose MLflow
-    run is ended and whose loader workers are gone.
+    run is ended and whose loader workers are gone. A sweep on the joblib launcher ends the
+    normal way: its worker processes hold this process's output pipes, and only the teardown
+    stops them (skipped, a caller reading the output waited for their idle timeout).
     """
+    if "joblib.externals.loky" in sys.modules:
+        sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

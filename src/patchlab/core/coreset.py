@@ -151,7 +151,7 @@ class GroupedGreedyCoresetSampler(GreedyCoresetSampler):
 
     Exact greedy pays one pass over all N patches per pick; on textured surfaces the
     triangle-inequality pruning of `PrunedGreedyCoresetSampler` skips little of it (596k
-    magnetic-tile patches: 297 s). Here the projected patches are split into k-means groups,
+    magnetic-tile patches: 236 s). Here the projected patches are split into k-means groups,
     and each round takes many picks at once:
 
     1. the `candidates` farthest patches are taken; below the last of them lies every other
@@ -303,9 +303,9 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
     (where compiling would cost more than it saves).
 
     Pruning pays on patches that cluster tightly (bottle: 164k in 3.6 s) and barely at all on
-    textures (magnetic tile: 596k in 297 s). Above `approximate_above` patches the grouped
-    approximation runs instead (`GroupedGreedyCoresetSampler`, 12 s there, coverage radius
-    within 1% of this selector's; docs/coreset.md).
+    textures (magnetic tile: 596k in 236 s). Above `approximate_above` patches the grouped
+    approximation runs instead (`GroupedGreedyCoresetSampler`, 8.5 s there, coverage radius
+    within 0.4% of this selector's; docs/coreset.md).
 
     Args:
         approximate_above: Patches above which the grouped approximation runs; None: never.

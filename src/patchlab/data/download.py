@@ -21,7 +21,10 @@ MANUAL_STEPS = (
 
 
 def download_mvtec(root: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256) -> None:
-    """Downloads and extracts the archive into `root`, keeping nothing half-written."""
+    """Downloads and extracts the archive into `root`, keeping nothing half-written: a failed
+    download removes the partial file and a `root` it created, so the next run's message is
+    the missing-folder one, with its hints."""
+    created = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     archive = root / "mvtec_anomaly_detection.tar.xz"
     partial = archive.with_suffix(".xz.part")
@@ -30,6 +33,8 @@ def download_mvtec(root: Path, url: str = MVTEC_URL, sha256: str = MVTEC_SHA256)
             _fetch(url, partial)
         except OSError as error:
             partial.unlink(missing_ok=True)
+            if created and not any(root.iterdir()):
+                root.rmdir()
             raise RuntimeError(
                 f"Could not download MVTec AD from {url} ({error}). "
                 + MANUAL_STEPS.format(root=root)

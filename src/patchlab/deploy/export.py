@@ -22,9 +22,12 @@ from patchlab.deploy.engines import (
     OPENVINO_FILE,
     export_onnx,
     export_openvino,
+    import_extra,
 )
 from patchlab.deploy.loading import fetch_source, input_unit, load_detector
 from patchlab.errors import command_parser, exit_on_user_error
+
+EXPORT_EXTRAS = {"onnx": ["onnx"], "openvino": ["onnx", "openvino"]}  # what writing each needs
 
 
 def export(bank_path: Path, fmt: str, out: Path, weights: str | None = None) -> Path:
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
     parser.add_argument("--weights", default=None, help="override the backbone's weights source")
     args = parser.parse_args(argv)
+    for module in EXPORT_EXTRAS[args.format]:  # a missing extra before any loading
+        import_extra(module)
     uri = args.tracking_uri or default_tracking_uri()
     with tempfile.TemporaryDirectory() as tmp:
         graph = export(

@@ -73,6 +73,25 @@ def build_tuning(cfg: DictConfig) -> "ThresholdTuning | None":
     return configured("threshold", lambda: instantiate(cfg.threshold))
 
 
+def check_selection_metric(
+    cfg: DictConfig, datamodule: AnomalyDataModule, tuning: "ThresholdTuning | None"
+) -> None:
+    """A pixel `optimized_metric` on data without masks is refused before any work: the run
+    would train, test and tune, then have no value to return to a sweeper. Synthetic
+    validation has masks of its own, so its `val_` pixel metrics exist."""
+    metric = str(cfg.get("optimized_metric", ""))
+    synthetic = tuning is not None and tuning.validation == "synthetic"
+    if datamodule.pixel_labelled or not ("pixel" in metric or "aupro" in metric):
+        return
+    if synthetic and metric.startswith("val_"):
+        return
+    image = "val_image_auroc" if metric.startswith("val_") else "image_auroc"
+    raise UserError(
+        f"optimized_metric={metric} needs pixel masks, and {datamodule.name} has none "
+        f"({datamodule.no_masks_reason}); select by an image metric: optimized_metric={image}"
+    )
+
+
 def build_detector(cfg: DictConfig) -> PatchCore:
     """The detector the config describes, its backbone seeded as loading seeds it."""
     torch.manual_seed(cfg.seed)  # so even a random-init backbone comes back equal when loaded
@@ -95,6 +114,7 @@ def build(
     datamodule = configured("data", lambda: instantiate(cfg.data, holdout=holdout), cfg)
     configured("data", datamodule.prepare_data)
     configured("data", datamodule.setup)
+    check_selection_metric(cfg, datamodule, tuning)
     detector = build_detector(cfg)
     train_images = len(datamodule.train_samples)
     check = lambda: detector.check_bank_size(train_images, datamodule.input_size)  # noqa: E731

@@ -9,6 +9,7 @@ Lightning Trainer) are checked when they are built.
 """
 
 import ast
+import difflib
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,39 @@ PASSED_BY_BUILD = {
     "trainer": {"callbacks"},
 }
 CONF_DIR = Path(__file__).resolve().parents[3] / "conf"  # the project's, for hints only
+
+
+OWN_FOLDERS = {  # what a user with their own data meant by an unknown option of these groups
+    "category": "for your own folders: category.name={option} data.root=<folder> (docs/data.md)",
+}
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Raises a UserError for a `group=option` override that names no file of the group.
+
+    Hydra's own message is the search path and a list of every option; this one names the
+    closest option and, for `category`, how one's own folders are named (`category=botle`
+    was meant as `bottle`, or as a folder). Sweep lists are checked item by item; sweep
+    functions (`glob(*)`, `range(...)`) are left to Hydra.
+    """
+    for override in overrides:
+        key, equals, value = override.lstrip("+~").partition("=")
+        group = conf_dir / key.replace(".", "/")
+        if key.startswith("hydra") or not (equals and value and group.is_dir()):
+            continue  # not a project group (Hydra's own groups come from its plugins too)
+        if any(c in value for c in "()[]{}'\" "):
+            continue
+        names = sorted(path.stem for path in group.glob("*.yaml"))
+        for option in value.split(","):
+            if option in names or option == "null":
+                continue
+            close = difflib.get_close_matches(option, names, n=1)
+            hint = f"did you mean {key}={close[0]}?" if close else f"it has {', '.join(names)}."
+            own = OWN_FOLDERS.get(key, "").format(option=option)
+            raise UserError(
+                f"{key}={option}: conf/{key}/ has no {option}.yaml; {hint}"
+                + (f" Or, {own}" if own else "")
+            )
 
 
 @dataclass

@@ -214,6 +214,12 @@ class MVTecDataModule(AnomalyDataModule):
             )
         if not category_dir.is_dir():
             found = sorted(p.name for p in self.root.iterdir() if p.is_dir())
+            if not found:
+                raise FileNotFoundError(
+                    f"data.root {self.root} is empty (no category folders). "
+                    + MANUAL_STEPS.format(root=self.root)
+                    + " Or set data.download=true."
+                )
             raise FileNotFoundError(
                 f"Category folder {category_dir} does not exist; {self.root} holds {found}"
             )
