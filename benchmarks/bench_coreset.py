@@ -21,10 +21,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from tqdm.auto import tqdm
 
-from patchlab.core.coreset import (
-    GroupedGreedyCoresetSampler,
-    PrunedGreedyCoresetSampler,
-)
+from patchlab.core.coreset import PrunedGreedyCoresetSampler
+from patchlab.core.grouped_greedy import GroupedGreedyCoresetSampler
 from patchlab.core.patches import PatchCollector
 from patchlab.core.pruned_greedy import warm_up
 from patchlab.jobs.build import build

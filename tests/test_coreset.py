@@ -14,12 +14,12 @@ from helpers.configs import ROOT
 from patchlab.core.coreset import (
     CoresetSampler,
     GreedyCoresetSampler,
-    GroupedGreedyCoresetSampler,
     PrunedGreedyCoresetSampler,
     random_projection,
-    stoppable,
 )
+from patchlab.core.grouped_greedy import GroupedGreedyCoresetSampler
 from patchlab.core.pruned_greedy import bound_basis, pruned_greedy
+from patchlab.core.stoppable import stoppable
 
 
 def reference(points: np.ndarray, first: int, keep: int) -> list[int]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
-import mlflow
+import mlflow.pyfunc  # the module itself: until imported, mlflow.pyfunc is a lazy stand-in
 import numba
 import pytest
 from hydra import compose, initialize_config_dir
@@ -18,12 +18,13 @@ from omegaconf import DictConfig, open_dict
 from helpers.configs import ROOT
 from patchlab.artifacts.bank import BANK_FILE, UNFINISHED_BANK_FILE
 from patchlab.artifacts.run_files import METRICS_FILE, written_atomically
-from patchlab.core.coreset import stoppable
+from patchlab.core.stoppable import stoppable
 from patchlab.errors import UserError
 from patchlab.jobs import pipeline, stages
 from patchlab.jobs.resume import finished_run
 from patchlab.jobs.sweep import record_killed
 from patchlab.jobs.tracking import tracked_run
+from patchlab.reporting import render
 from patchlab.reporting.summary import collect, compare, to_markdown
 
 
@@ -150,7 +151,7 @@ def test_a_run_stopped_after_fitting_leaves_nothing_that_looks_finished(
     def stopped(*args: object) -> None:
         raise stages.Interrupted(signal.SIGTERM, stages.current())
 
-    monkeypatch.setattr(pipeline, "render_run", stopped)
+    monkeypatch.setattr(render, "render_run", stopped)  # imported by the pipeline when drawing
     with open_dict(cfg):
         cfg.tracking.enabled = False
     with pytest.raises(stages.Interrupted, match="during writing results"):

@@ -20,10 +20,11 @@ from patchlab.artifacts.bank import ALLOWED_TARGETS, BUILT_GROUPS, bank_digest
 from patchlab.artifacts.run_files import OUTPUTS_FILE, load_outputs
 from patchlab.artifacts.store import DEFAULT_ROOT
 from patchlab.core.backbones import BackboneEnsemble
-from patchlab.core.coreset import CoresetSampler, Stop
+from patchlab.core.coreset import CoresetSampler
 from patchlab.core.detector import PatchCore
 from patchlab.core.features import FeatureExtractor
 from patchlab.core.search import SearchIndex, nearest_neighbours
+from patchlab.core.stoppable import Stop
 from patchlab.data.geometry import Geometry
 from patchlab.errors import UserError
 from patchlab.jobs.pipeline import run

@@ -1,8 +1,6 @@
-"""PatchCore as one pure-torch object: embed images, fit memory banks, score images.
-
-The test pass, `predict`, the exported engines and the MLflow model all score through
-`PatchCore.predict`; only the embedder (images -> patch embeddings) differs between them.
-"""
+"""PatchCore as one pure-torch object: embed images, fit memory banks, score images. The test
+pass, `predict`, the exported engines and the MLflow model all score through `PatchCore.predict`;
+only the embedder (images -> patch embeddings) differs between them."""
 
 import math
 from collections.abc import Callable, Iterator
@@ -12,12 +10,13 @@ import torch
 from torch import nn
 
 from patchlab.core.backbones import BackboneEnsemble
-from patchlab.core.coreset import CoresetSampler, Stop
+from patchlab.core.coreset import CoresetSampler
 from patchlab.core.ensemble import combine_grids, normal_statistics, standardised
 from patchlab.core.features import FeatureExtractor
 from patchlab.core.patches import Embedder, TorchEmbedder, flatten_patches, grid_validity
 from patchlab.core.scoring import NearestNeighbourScorer, anomaly_maps
 from patchlab.core.search import ExactIndex, SearchIndex
+from patchlab.core.stoppable import Stop
 from patchlab.core.tiles import Tiling
 from patchlab.errors import check_limits
 

@@ -159,8 +159,8 @@ class CenterCrop(Geometry):
         return self._mask_steps(mask)
 
 
-class Resize(Geometry):
-    """The whole image resized to `size`, aspect ratio not kept.
+class FixedSize(Geometry):
+    """A geometry whose model input is one given [height, width] for every image.
 
     Args:
         size: [height, width] of the model input.
@@ -174,29 +174,21 @@ class Resize(Geometry):
 
     def size(self) -> Size:
         return self.shape
+
+
+class Resize(FixedSize):
+    """The whole image resized to `size`, aspect ratio not kept."""
 
     def place(self, source: Size) -> Placement:
         return Placement(source, self.shape, (0, 0), self.shape)
 
 
-class Fit(Geometry):
+class Fit(FixedSize):
     """The whole image scaled to fit inside `size`, aspect ratio kept, centred and padded.
 
     For mixed sizes and aspect ratios: every image keeps its shape, and the padding is never
     scored, never in the bank and never in a metric.
-
-    Args:
-        size: [height, width] of the model input.
     """
-
-    LIMITS: ClassVar = {"size": [("is", "[height, width]")]}  # a literal for the preflight
-
-    def __init__(self, size: Sequence[int]) -> None:
-        check_limits(self.LIMITS, {"size": list(size)})
-        self.shape = int(size[0]), int(size[1])
-
-    def size(self) -> Size:
-        return self.shape
 
     def place(self, source: Size) -> Placement:
         scale = min(self.shape[0] / source[0], self.shape[1] / source[1])

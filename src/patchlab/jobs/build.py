@@ -15,8 +15,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.core.coreset import Stop
 from patchlab.core.detector import PatchCore
+from patchlab.core.stoppable import Stop
 from patchlab.errors import SettingError, UserError
 from patchlab.jobs.stage_marks import StageMarks
 from patchlab.training.datamodule import AnomalyDataModule

@@ -8,10 +8,10 @@ from contextlib import contextmanager
 import pytorch_lightning as pl
 import torch
 
-from patchlab.core.coreset import Stop
 from patchlab.core.detector import PatchCore
 from patchlab.core.outputs import TestOutputs
 from patchlab.core.patches import PatchCollector
+from patchlab.core.stoppable import Stop
 
 # Both are PatchCore by design, not mistakes: it has no optimizer, and its backbone stays frozen
 # in eval mode. A user seeing them would go looking for a bug that is not there. The last is
