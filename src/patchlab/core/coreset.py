@@ -80,7 +80,7 @@ class GreedyCoresetSampler(CoresetSampler):
         coreset_dtype: str = "float32",
         progress: bool = True,
     ) -> None:
-        check_limits(self.LIMITS, locals())
+        check_limits(GreedyCoresetSampler.LIMITS, locals())  # a subclass's own come on top
         self.projection_dim = projection_dim
         self.dtype = _DTYPES[coreset_dtype]
         self.progress = progress
