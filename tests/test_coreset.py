@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from helpers.configs import ROOT
+from patchlab.core import coreset
 from patchlab.core.coreset import (
     CoresetSampler,
     GreedyCoresetSampler,
@@ -228,7 +229,9 @@ def test_grouped_selection_can_be_stopped_between_rounds() -> None:
     assert torch.get_num_threads() == threads
 
 
-def test_prepare_compiles_in_another_process_and_the_selection_waits_for_it() -> None:
+def test_prepare_compiles_in_another_process_and_the_selection_waits_for_it(monkeypatch) -> None:
+    monkeypatch.setattr(PrunedGreedyCoresetSampler, "compiling", None)
+    monkeypatch.setattr(coreset, "_compiled_before", lambda: False)  # as after an install
     sampler = PrunedGreedyCoresetSampler(progress=False)
     sampler.prepare()
     features = clustered(3_000, 16, seed=9)
@@ -238,3 +241,13 @@ def test_prepare_compiles_in_another_process_and_the_selection_waits_for_it() ->
         features, 30, torch.Generator().manual_seed(0)
     )
     assert chosen.tolist() == again.tolist()
+
+
+def test_prepare_starts_nothing_once_numbas_cache_holds_the_loop(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(PrunedGreedyCoresetSampler, "compiling", None)
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    assert not coreset._compiled_before()
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "loop.pruned_greedy-30.py311.1.nbc").touch()
+    PrunedGreedyCoresetSampler.prepare()
+    assert PrunedGreedyCoresetSampler.compiling is None

@@ -8,23 +8,27 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from helpers.configs import tracked
+from helpers.configs import ROOT, tracked
 from helpers.mlflow_server import model_server
 from patchlab.artifacts.bank import BANK_FILE, bank_config, read_banks, save_bank
 from patchlab.artifacts.run_files import load_outputs
+from patchlab.artifacts.store import tracking_uri_set
 from patchlab.data.mvtec import read_image
 from patchlab.deploy.export import export
-from patchlab.deploy.loading import load_predictor
+from patchlab.deploy.loading import load_predictor, predictor_from
 from patchlab.deploy.predict import main as predict_main
 from patchlab.errors import UserError
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
@@ -185,6 +189,79 @@ def test_a_bank_that_does_not_fit_its_backbone_is_refused(trained, tmp_path) -> 
         load_predictor(tmp_path / BANK_FILE)
 
 
+@contextmanager
+def changed_in_the_store(trained: TrainedRun, name: str, change) -> Iterator[Path]:
+    """The logged model's `name` file in the artifact store changed by `change(bytes)`, and
+    restored afterwards (the module's tests share the store)."""
+    (path,) = [p for p in (trained.out.parent / "mlruns").rglob(name) if "models" in p.parts]
+    original = path.read_bytes()
+    path.write_bytes(change(original))
+    try:
+        yield path
+    finally:
+        path.write_bytes(original)
+
+
+def one_byte_changed(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])  # the last byte: bank values, not the header
+
+
+def load_served_model(uri: str, tracking_uri: str):
+    with tracking_uri_set(tracking_uri):
+        return mlflow.pyfunc.load_model(uri)
+
+
+@pytest.mark.parametrize("source", ["run id", f"models:/{MODEL}@champion"])
+def test_a_bank_changed_by_one_byte_is_refused(trained: TrainedRun, tmp_path, source) -> None:
+    source = trained.run_id if source == "run id" else source
+    args = [source, str(trained.category / "test"), "--out", str(tmp_path / "p")]
+    with changed_in_the_store(trained, BANK_FILE, one_byte_changed):
+        with pytest.raises(UserError) as refused:
+            predictor_from(source, tracking_uri=trained.uri)
+        with pytest.raises(UserError, match="bank_file_sha256"):
+            load_served_model(f"models:/{MODEL}@champion", trained.uri)
+        with pytest.raises(SystemExit):
+            predict_main([*args, "--tracking-uri", trained.uri])
+    tags = MlflowClient(trained.uri).get_run(trained.run_id).data.tags
+    assert tags["bank_file_sha256"] in str(refused.value)  # both digests named
+    assert "refused to load: its bank_file_sha256 is " in str(refused.value)
+    assert not (tmp_path / "p").exists()
+    predictor_from(source, tracking_uri=trained.uri)  # the restored bank loads
+
+
+def test_an_entry_file_with_one_added_line_is_refused(trained: TrainedRun) -> None:
+    added = b"print('hello from the artifact store')\n"
+    with changed_in_the_store(trained, "pyfunc_entry.py", lambda data: data + added):
+        with pytest.raises(UserError, match="entry file is not the one this patchlab ships"):
+            load_served_model(f"models:/{MODEL}@champion", trained.uri)
+        with pytest.raises(UserError, match="entry file"):
+            predictor_from(f"models:/{MODEL}@champion", tracking_uri=trained.uri)
+
+
+def test_a_served_batch_answers_each_row(trained: TrainedRun, tmp_path: Path) -> None:
+    paths = list(trained.scores)[:3]
+    posted = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
+    large = tmp_path / "large.png"
+    Image.new("L", (10_000, 6_000)).save(large)  # 60 MP: over MAX_PIXELS
+    corrupt = base64.b64encode(b"\x89PNG not really").decode()
+    frame = pd.DataFrame(
+        {
+            "image": [posted[0], corrupt, posted[1], None, "not base64!", posted[2], None],
+            "path": [None, None, None, str(large), None, None, str(tmp_path / "missing.png")],
+        }
+    )
+    answer = load_served_model(f"models:/{MODEL}@champion", trained.uri).predict(frame)
+    good = [0, 2, 5]
+    assert answer.image_score[good].tolist() == pytest.approx([trained.scores[p] for p in paths])
+    assert answer.error[good].isna().all()
+    errors = answer.error.tolist()
+    assert "posted image" in errors[1] and "over the limit of 50000000" in errors[3]
+    assert "not base64" in errors[4] and "no image file at path" in errors[6]
+    assert answer.image_score[[1, 3, 4, 6]].isna().all()
+    text = answer.to_json()
+    assert "Traceback" not in text and str(ROOT) not in text
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_exported_graphs_match_torch(trained: TrainedRun, tmp_path: Path, fmt: str) -> None:
     export(trained.out / BANK_FILE, fmt, tmp_path / fmt)
@@ -227,23 +304,38 @@ def test_every_run_logs_a_model_with_a_signature(trained: TrainedRun) -> None:
     assert info.run_id == trained.run_id
 
 
-def serve_and_post(model_uri: str, tracking_uri: str, paths: list[str]) -> list[float]:
-    rows = [[base64.b64encode(Path(p).read_bytes()).decode()] for p in paths]
-    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+def encoded(path: str) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def serve_and_post(model_uri: str, tracking_uri: str, images: list[str]) -> tuple[list, bytes]:
+    """Posts base64-encoded images as one batch; returns the answer's rows and its body."""
+    body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[i] for i in images]}})
     with model_server(model_uri, tracking_uri) as url:
         request = urllib.request.Request(
-            f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
+            f"{url}/invocations", data=body.encode(), headers={"Content-Type": "application/json"}
         )
         with urllib.request.urlopen(request, timeout=120) as response:
-            answer = json.loads(response.read())
-    return [row["image_score"] for row in answer["predictions"]]
+            raw = response.read()
+    return json.loads(raw)["predictions"], raw
 
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_posted_images(trained: TrainedRun) -> None:
+    """Three good images and a corrupt one: three results and one error row, no trace."""
     paths = list(trained.scores)[-3:]
-    scores = serve_and_post(f"models:/{MODEL}@champion", trained.uri, paths)
-    assert scores == pytest.approx([trained.scores[p] for p in paths], rel=1e-5)
+    images = [encoded(paths[0]), encoded(paths[1]), base64.b64encode(b"GIF89a?").decode()]
+    rows, body = serve_and_post(
+        f"models:/{MODEL}@champion", trained.uri, [*images, encoded(paths[2])]
+    )
+    good = [rows[0], rows[1], rows[3]]
+    expected = [trained.scores[p] for p in paths]
+    assert [row["image_score"] for row in good] == pytest.approx(expected, rel=1e-5)
+    assert all(row.get("error") is None for row in good)
+    assert "Unreadable or corrupt image file posted image" in rows[2]["error"]
+    assert rows[2]["image_score"] is None
+    for leak in (b"Traceback", b"site-packages", str(ROOT).encode()):
+        assert leak not in body
 
 
 @pytest.fixture(scope="module")
@@ -304,5 +396,8 @@ def test_real_bottle_served_over_http(real_bottle: TrainedRun) -> None:
     paths = [p for p in real_bottle.scores if "/good/" not in p][:2] + [
         p for p in real_bottle.scores if "/good/" in p
     ][:1]
-    scores = serve_and_post("models:/bottle@champion", real_bottle.uri, paths)
-    assert scores == pytest.approx([real_bottle.scores[p] for p in paths], rel=1e-5)
+    rows, _ = serve_and_post(
+        "models:/bottle@champion", real_bottle.uri, [encoded(p) for p in paths]
+    )
+    expected = [real_bottle.scores[p] for p in paths]
+    assert [row["image_score"] for row in rows] == pytest.approx(expected, rel=1e-5)

@@ -138,3 +138,52 @@ def test_export_without_its_extra_says_how_to_install_it(monkeypatch, capsys, tm
     assert first.startswith("Error: openvino is not installed; install the export extra: pip")
     assert second == "Set HYDRA_FULL_ERROR=1 for the full traceback."
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_prints_one_line_per_failed_job(synthetic_root, tmp_path) -> None:
+    """Each failed job is one console line with its log's path; the trace is in that log."""
+    names = ("no_such_part", "nor_this_one")
+    command = train_command(synthetic_root, tmp_path, "-m", f"category.name={','.join(names)}")
+    done = subprocess.run([*command, "tracking=none"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1
+    console = done.stdout + done.stderr
+    assert "Traceback" not in console
+    for name in names:
+        log = tmp_path / "multirun" / name / "train.log"
+        (line,) = [line for line in console.splitlines() if "Job failed:" in line and name in line]
+        assert line.endswith(f"(traceback in {log})"), line
+        assert "UserError: Category folder" in line
+        assert "Traceback (most recent call last):" in log.read_text()
+
+
+@pytest.mark.parametrize(
+    ("tool", "args", "message"),
+    [
+        (
+            "predict",
+            ["nosuch", "."],
+            "SOURCE 'nosuch' is not an existing file or folder, an MLflow",
+        ),
+        ("tune", ["0" * 32], f"Could not read run {'0' * 32} at sqlite:"),
+        ("report", ["--experiment", "nosuch"], "No MLflow experiment named 'nosuch' at sqlite:"),
+        ("render", ["nowhere"], "nowhere is not a finished run folder"),
+    ],
+)
+def test_every_tool_answers_a_bad_source_in_one_line(
+    tool, args, message, tmp_path, capsys, monkeypatch
+) -> None:
+    import importlib
+
+    from patchlab.cli import COMMANDS
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    store = ["--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"] if tool != "render" else []
+    out = ["--out", str(tmp_path / "out")] if tool in ("predict", "report") else []
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(COMMANDS[tool]).main([*args, *store, *out])
+    assert stopped.value.code == 1
+    lines = [
+        line for line in capsys.readouterr().err.splitlines() if not MLFLOW_STORE_LOG.match(line)
+    ]
+    assert len(lines) == 2 and lines[0].startswith(f"Error: {message}"), lines

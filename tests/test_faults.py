@@ -12,6 +12,7 @@ import mlflow.pyfunc  # the module itself: until imported, mlflow.pyfunc is a la
 import numba
 import pytest
 from hydra import compose, initialize_config_dir
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, open_dict
 
@@ -22,7 +23,7 @@ from patchlab.core.stoppable import stoppable
 from patchlab.errors import UserError
 from patchlab.jobs import pipeline, stages
 from patchlab.jobs.resume import finished_run
-from patchlab.jobs.sweep import record_killed
+from patchlab.jobs.sweep import record_failure, record_killed
 from patchlab.jobs.tracking import tracked_run
 from patchlab.reporting import render
 from patchlab.reporting.summary import collect, compare, to_markdown
@@ -200,6 +201,17 @@ def test_summary_lists_killed_and_resumed_jobs(tmp_path: Path) -> None:
     assert "**hinge KILLED**: stopped by SIGTERM during coreset selection" in markdown
     assert "**gear resumed**: finished run abc123" in markdown
     assert "| mean | 1/2 ok |" in markdown
+
+
+def test_a_job_that_fails_after_its_metrics_is_failed_with_its_numbers(tmp_path: Path) -> None:
+    """An upload that fails at the end of a job leaves metrics.json: the job still failed."""
+    (tmp_path / "gear").mkdir()
+    (tmp_path / "gear" / METRICS_FILE).write_text('{"image_auroc": 0.9}')
+    record_failure(tmp_path / "gear", MlflowException("upload of train.log failed"))
+    table = collect(tmp_path)
+    markdown = to_markdown(compare(table))
+    assert "| gear | FAILED | 0.9000 |" in markdown
+    assert "**gear FAILED**: MlflowException: upload of train.log failed" in markdown
 
 
 def test_resume_without_tracking_says_why(cfg: DictConfig) -> None:

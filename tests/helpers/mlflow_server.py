@@ -46,24 +46,31 @@ def serving(command: list[str], port: int, env: dict[str, str] | None = None) ->
 
 
 @contextmanager
-def mlflow_server(backend: str, artifacts: Path | None = None, ui: bool = False) -> Iterator[str]:
-    """A tracking server (or the UI) over `backend`; always stopped."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui" if ui else "server",
-        "--backend-store-uri",
-        backend,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+def mlflow_server(
+    backend: str,
+    artifacts: Path | None = None,
+    ui: bool = False,
+    auth_config: Path | None = None,
+    port: int | None = None,
+) -> Iterator[str]:
+    """A tracking server (or the UI) over `backend`; always stopped.
+
+    `auth_config`: MLflow's basic-auth app with that config file (as docs/clusters.md starts
+    it). `port`: a fixed port, to start a server again where its clients expect it.
+    """
+    port = port or free_port()
+    command = [sys.executable, "-m", "mlflow", "ui" if ui else "server"]
+    command += ["--backend-store-uri", backend, "--host", "127.0.0.1", "--port", str(port)]
     if artifacts is not None:
         command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
-    with serving(command, port) as url:
+    env = None
+    if auth_config is not None:
+        command += ["--app-name", "basic-auth"]
+        env = os.environ | {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_config),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-only-csrf-key",
+        }
+    with serving(command, port, env) as url:
         yield url
 
 

@@ -14,6 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from patchlab.artifacts.run_files import written_atomically
+from patchlab.artifacts.store import redact
 from patchlab.errors import UserError
 
 BANK_FILE = "memory_bank.safetensors"
@@ -35,6 +36,9 @@ ALLOWED_TARGETS = frozenset(
         "patchlab.data.geometry.Fit",
     }
 )
+# A run's record of its finished bank: the banks' values (equal across launchers and
+# machines) and the whole file (config and decisions too), checked by every loader.
+DIGEST_TAGS = ("bank_file_sha256", "bank_sha256")
 IGNORE_KEY = "ignore_mask"  # the (H, W) uint8 ignore mask, when the run had one
 
 
@@ -68,7 +72,7 @@ def save_bank(
         "bank_size": str(banks[0].shape[0]),
         "seed": str(cfg.seed),
         "preprocessing": json.dumps({k: data[k] for k in ("geometry", "mean", "std")}),
-        "config": OmegaConf.to_yaml(cfg, resolve=True),
+        "config": redact(OmegaConf.to_yaml(cfg, resolve=True)),  # no password from tracking.uri
         "extra": json.dumps(extra or {}),
     }
     if statistics:
@@ -87,6 +91,39 @@ def bank_digest(banks: list[torch.Tensor]) -> str:
     for bank in banks:
         digest.update(bank.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of the file's bytes: banks, config and decisions alike."""
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bank_digests(path: Path) -> dict[str, str]:
+    """What a run records of its finished bank (DIGEST_TAGS), as tags and in its model."""
+    return {"bank_file_sha256": file_digest(path), "bank_sha256": bank_digest(read_banks(path)[0])}
+
+
+def verify_bank(path: Path, recorded: dict[str, str], origin: str) -> None:
+    """Refuses a bank whose digests differ from those `origin` (its run, its model) recorded.
+
+    Runs before anything is built from the file, the file's digest before its tensors are
+    parsed; a record without digests (a run from before they were kept) checks nothing.
+    """
+    actual = {
+        "bank_file_sha256": lambda: file_digest(path),
+        "bank_sha256": lambda: bank_digest(read_banks(path)[0]),
+    }
+    for key in DIGEST_TAGS:
+        value = recorded.get(key)
+        if value and actual[key]() != value:
+            raise UserError(
+                f"{path}: refused to load: its {key} is {actual[key]()}, but {origin} recorded "
+                f"{value}. The file was changed after the run wrote it."
+            )
 
 
 def read_banks(path: Path) -> tuple[list[torch.Tensor], list[tuple[float, float]], dict[str, str]]:

@@ -6,8 +6,10 @@ is the detector's `coreset_ratio`, not the sampler's.
 """
 
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
@@ -154,9 +156,10 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         numba compiles it on first use after an install (about 30 s of one core) and caches
         the machine code in the package's `__pycache__`; later runs load it in 0.5 s. A
         separate process keeps the compile off this one's GIL; `choose` waits for it, then
-        loads what it cached. A job starts it before its own heavy imports (jobs/train.py).
+        loads what it cached. A job starts it before its own heavy imports (jobs/train.py),
+        and only where numba's cache does not hold the selection yet.
         """
-        if PrunedGreedyCoresetSampler.compiling is None:
+        if PrunedGreedyCoresetSampler.compiling is None and not _compiled_before():
             command = [sys.executable, "-m", "patchlab.core.pruned_greedy"]
             compiling = subprocess.Popen(command, stdout=subprocess.DEVNULL)
             PrunedGreedyCoresetSampler.compiling = compiling
@@ -180,3 +183,11 @@ class PrunedGreedyCoresetSampler(GreedyCoresetSampler):
         points = np.ascontiguousarray(projected.numpy(), dtype=np.float32)
         mean, basis = bound_basis(points)
         return torch.from_numpy(stoppable(pruned_greedy, stop, points, first, keep, mean, basis))
+
+
+def _compiled_before() -> bool:
+    """Whether numba's cache (NUMBA_CACHE_DIR, else the package's `__pycache__`) holds the
+    selection's loop; a stale entry is compiled again where it is used."""
+    cache = os.environ.get("NUMBA_CACHE_DIR")
+    folder = Path(cache) if cache else Path(__file__).with_name("pruned_greedy") / "__pycache__"
+    return folder.is_dir() and next(folder.rglob("loop.pruned_greedy-*.nbc"), None) is not None

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from patchlab.artifacts.bank import BANK_FILE
-from patchlab.artifacts.store import default_tracking_uri
+from patchlab.artifacts.store import given_tracking_uri
 from patchlab.deploy.engines import (
     GRAPH_ENGINES,
     ONNX_FILE,
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for module in EXPORT_EXTRAS[args.format]:  # a missing extra before any loading
         import_extra(module)
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = given_tracking_uri(args.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         graph = export(
             fetch_source(args.source, uri, Path(tmp)), args.format, args.out, args.weights

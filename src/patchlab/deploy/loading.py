@@ -1,9 +1,9 @@
 """From what a user names (run id, runs:/ or models:/ URI, run or export folder, bank file) to a
 ready Predictor, treating everything fetched as untrusted: safetensors and YAML only, no
-pickle, and only allow-listed classes built (see `artifacts.bank.bank_config`)."""
+pickle, only allow-listed classes built (see `artifacts.bank.bank_config`), and a fetched bank
+checked against the digests its run recorded."""
 
 import json
-import re
 import tempfile
 from pathlib import Path
 
@@ -11,16 +11,22 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts.bank import BANK_FILE, bank_config, check_bank, read_banks, read_ignore
+from patchlab.artifacts.bank import (
+    BANK_FILE,
+    bank_config,
+    check_bank,
+    read_banks,
+    read_ignore,
+)
 from patchlab.artifacts.store import tracking_uri_set
 from patchlab.core.detector import PatchCore
 from patchlab.data.geometry import geometry_from
 from patchlab.data.preprocessing import Preprocessing
 from patchlab.deploy.engines import EMBEDDERS, ENGINES
 from patchlab.deploy.predictor import Decisions, Predictor
+from patchlab.deploy.provenance import RUN_ID, verify_fetched
 from patchlab.errors import UserError
 
-RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_NAME = "model"  # the logged model's name within its run
 
 
@@ -67,7 +73,9 @@ def fetch_source(source: str, tracking_uri: str | None, into: Path) -> Path:
         except Exception as error:
             errors.append(f"{uri}: {error}")
             continue
-        return local if local.is_file() else bank_in(local)
+        bank = local if local.is_file() else bank_in(local)
+        verify_fetched(source, bank, tracking_uri)
+        return bank
     raise UserError(f"Could not fetch {source} from {tracking_uri}: {'; '.join(errors)}")
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from patchlab.artifacts.store import default_tracking_uri
+from patchlab.artifacts.store import given_tracking_uri
 from patchlab.data.mvtec import IMAGE_SUFFIXES, read_image
 from patchlab.deploy.engines import ENGINES
 from patchlab.deploy.loading import predictor_from
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     paths = expand_inputs(args.inputs)
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = given_tracking_uri(args.tracking_uri)
     predictor = predictor_from(args.source, args.engine, uri, args.weights)
     if "test set" in predictor.decisions.thresholds_from:
         log.warning(

@@ -4,11 +4,14 @@
 Logged as code (`pyfunc_entry.py`, a readable file), not as a pickle, with the bank file as
 its only artifact (the job logs it: `jobs/tracking.py`). Loading it through MLflow runs that
 file, as every pyfunc load runs the model's code; `patchlab predict models:/NAME@ALIAS` reads
-only the bank instead.
+only the bank instead. Loading refuses an entry file or a bank that differs from what the run
+wrote. A batch is answered row by row: a bad image gets an `error` and the rest are scored.
 """
 
 import base64
+import binascii
 import io
+import logging
 from pathlib import Path
 
 import mlflow
@@ -19,13 +22,33 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from PIL import Image
 
-from patchlab.data.mvtec import decode_image, read_image
+from patchlab.artifacts.bank import verify_bank
+from patchlab.data.mvtec import decode_image
 from patchlab.deploy.loading import MODEL_NAME, load_predictor
 from patchlab.deploy.predictor import Prediction
+from patchlab.deploy.provenance import (
+    DIGESTS_KEY,
+    ENTRY,
+    check_entry,
+    model_folder,
+    model_record,
+    run_tags,
+)
 from patchlab.errors import UserError
 
-__all__ = ["ENTRY", "MODEL_NAME", "REQUIREMENTS", "SIGNATURE", "PatchCoreModel"]
-ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+__all__ = [
+    "DIGESTS_KEY",
+    "ENTRY",
+    "MAX_PIXELS",
+    "MODEL_NAME",
+    "REQUIREMENTS",
+    "SIGNATURE",
+    "PatchCoreModel",
+]
+log = logging.getLogger(__name__)
+# The largest image a served row may hold (width x height), checked from the file's header
+# before it is decoded: a 16k x 16k PNG is a few MB posted and 768 MB decoded.
+MAX_PIXELS = 50_000_000
 REQUIREMENTS = [
     "torch",
     "torchvision",
@@ -51,6 +74,7 @@ SIGNATURE = ModelSignature(
             ColSpec("long", "defect_area_px", required=False),
             ColSpec("string", "map_png", required=False),
             ColSpec("string", "mask_png", required=False),
+            ColSpec("string", "error", required=False),  # why this row has no result
         ]
     ),
     params=ParamSchema([ParamSpec("return_maps", "boolean", False)]),
@@ -58,14 +82,39 @@ SIGNATURE = ModelSignature(
 
 
 def decode(row: pd.Series) -> torch.Tensor:
-    """One input row -> (3, H, W) uint8; `image` (base64 bytes) wins over `path`."""
-    data = row.get("image")
+    """One input row -> (3, H, W) uint8; `image` (base64 bytes) wins over `path`.
+
+    Every failure is a UserError whose message names only what the client sent.
+    """
+    data, path = row.get("image"), row.get("path")
     if isinstance(data, str) and data:
-        return decode_image(io.BytesIO(base64.b64decode(data)), "posted image")
-    path = row.get("path")
-    if isinstance(path, str) and path:
-        return read_image(Path(path))
-    raise UserError("each row needs 'image' (base64-encoded file bytes) or 'path'")
+        try:
+            source, name = io.BytesIO(base64.b64decode(data, validate=True)), "posted image"
+        except (binascii.Error, ValueError) as error:
+            raise UserError("'image' is not base64-encoded file bytes") from error
+    elif isinstance(path, str) and path:
+        source, name = Path(path), path
+        if not source.is_file():
+            raise UserError(f"no image file at path {path!r}")
+    else:
+        raise UserError("each row needs 'image' (base64-encoded file bytes) or 'path'")
+    check_size(source, name)
+    return decode_image(source, name)
+
+
+def check_size(source: Path | io.BytesIO, name: str) -> None:
+    """Refuses an image over MAX_PIXELS from its header, before decoding it."""
+    try:
+        with Image.open(source) as image:
+            width, height = image.size
+    except Exception as error:  # decode_image names what is wrong with an unreadable file
+        log.debug("header of %s: %s", name, error)
+        return
+    finally:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{name}: {width}x{height} pixels, over the limit of {MAX_PIXELS}")
 
 
 def png_base64(array: np.ndarray) -> str:
@@ -92,14 +141,47 @@ class PatchCoreModel(mlflow.pyfunc.PythonModel):
     """Scores a DataFrame of images (paths or base64 bytes) with the run's bank and decisions."""
 
     def load_context(self, context) -> None:
-        self.predictor = load_predictor(Path(context.artifacts["bank"]))
+        bank = Path(context.artifacts["bank"])
+        folder = model_folder(bank)
+        if folder is not None:
+            check_entry(folder)
+            recorded, run_id = model_record(folder)
+            verify_bank(bank, recorded, "its logged model")
+            try:
+                tags = run_tags(run_id, None) if run_id else {}
+            except Exception as error:  # served without its tracking server: the model's record
+                log.warning("Run %s not reachable to verify the bank against: %s", run_id, error)
+                tags = {}
+            verify_bank(bank, tags, f"run {run_id}")
+        self.predictor = load_predictor(bank)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         return_maps = bool((params or {}).get("return_maps", False))
-        frame = pd.DataFrame(model_input)
-        rows = []
-        batch = self.predictor.batch_size
-        for start in range(0, len(frame), batch):
-            images = [decode(row) for _, row in frame.iloc[start : start + batch].iterrows()]
-            rows += [row_of(p, return_maps) for p in self.predictor.predict(images)]
-        return pd.DataFrame(rows)
+        rows: list[dict] = []
+        images: dict[int, torch.Tensor] = {}
+        for index, (_, row) in enumerate(pd.DataFrame(model_input).iterrows()):
+            try:
+                images[index] = decode(row)
+                rows.append({})
+            except UserError as error:
+                rows.append({"error": str(error)})
+        good, batch = list(images), self.predictor.batch_size
+        for start in range(0, len(good), batch):
+            chunk = good[start : start + batch]
+            scored = self._rows([images[i] for i in chunk], return_maps)
+            for index, row in zip(chunk, scored, strict=True):
+                rows[index] = row
+        # None, not NaN, in a failed row's numbers: JSON has no NaN
+        answer = pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
+        return answer.astype(object).where(answer.notna(), None)
+
+    def _rows(self, images: list[torch.Tensor], return_maps: bool) -> list[dict]:
+        """The batch's result rows; if the batch fails, each image alone, so that an image the
+        model cannot score fails only its own row (with no trace or path in its error)."""
+        try:
+            return [row_of(p, return_maps) for p in self.predictor.predict(images)]
+        except Exception:
+            if len(images) == 1:
+                log.exception("scoring an image failed")
+                return [{"error": "the model could not score this image"}]
+        return [row for image in images for row in self._rows([image], return_maps)]

@@ -21,6 +21,7 @@ from patchlab.artifacts.run_files import (
     write_json,
     write_scores_csv,
 )
+from patchlab.artifacts.store import redact
 from patchlab.core.detector import PatchCore
 from patchlab.core.metrics import evaluate_outputs
 from patchlab.jobs import stages
@@ -92,7 +93,7 @@ def run(
     """
     stages.enter("setup")
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (output_dir / CONFIG_FILE).write_text(redact(OmegaConf.to_yaml(cfg, resolve=True)))
     datamodule, module, trainer, tuning = build(cfg, stages.check)
     detector, samples = module.detector, datamodule.test_samples
     log.info("Model ready: %s", cfg.backbone.name)

@@ -27,7 +27,7 @@ from patchlab.artifacts.run_files import (
     load_outputs,
     write_json,
 )
-from patchlab.artifacts.store import default_tracking_uri
+from patchlab.artifacts.store import given_tracking_uri
 from patchlab.core.metrics import evaluate_outputs
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.jobs.tracking import existing_run
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-trials", type=int, default=None, help="default: the run's config")
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = given_tracking_uri(args.tracking_uri)
     client = MlflowClient(uri)
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "retune"

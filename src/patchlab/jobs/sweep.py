@@ -15,6 +15,7 @@ from pandas import DataFrame
 from patchlab.artifacts.run_files import write_json
 from patchlab.artifacts.store import runs_view_url, tracking_uri, ui_url
 from patchlab.jobs import stages
+from patchlab.jobs.redaction import hide_credentials, redact_hydra_files
 from patchlab.jobs.tracking import (
     describe,
     fail_sweep_run,
@@ -29,11 +30,20 @@ log = logging.getLogger(__name__)
 
 
 def record_failure(output_dir: Path, error: BaseException) -> None:
-    """Leaves the first error (not what a teardown raised after it) where the summary finds it."""
+    """Leaves the first error (not what a teardown raised after it) where the summary finds it.
+
+    The console gets one line, the error and where its traceback is; the traceback goes to
+    the job's log file (and failed.json) only, so a sweep's output stays readable.
+    """
     first = first_error(error)
     trace = "".join(traceback.format_exception(first))
-    log.error("Job failed: %s", trace)
     _record({"error": describe(error), "traceback": trace}, output_dir / FAILED_FILE)
+    files = [h for h in logging.getLogger().handlers if isinstance(h, logging.FileHandler)]
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (trace,), None)
+    for handler in files:
+        handler.handle(record)
+    where = files[0].baseFilename if files else output_dir / FAILED_FILE
+    log.error("Job failed: %s (traceback in %s)", describe(error), where)
 
 
 def record_killed(output_dir: Path, stop: stages.Interrupted) -> None:
@@ -74,7 +84,9 @@ def sweep_results(
 
 
 def start(config: DictConfig) -> None:
-    """At the sweep's start: the stop handlers for the basic launcher, the parent run."""
+    """At the sweep's start: the stop handlers for the basic launcher, the parent run, and
+    log lines (the launcher's list of each job's overrides) without passwords."""
+    hide_credentials(config.tracking.uri)
     if str(config.hydra.launcher.get("_target_", "")).endswith("BasicLauncher"):
         stages.catch_stop_signals()
     if config.tracking.enabled:
@@ -84,6 +96,7 @@ def start(config: DictConfig) -> None:
 def finish(config: DictConfig) -> None:
     """At the sweep's end: the summary, the parent run's results, the exit status."""
     sweep_dir = Path(config.hydra.sweep.dir)
+    redact_hydra_files(sweep_dir)
     run_id = parent_run_id(str(sweep_dir)) if config.tracking.enabled else None
     try:
         table, picked, paths = write_summary(sweep_dir)

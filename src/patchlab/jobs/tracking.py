@@ -24,8 +24,15 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts.bank import BANK_FILE
-from patchlab.artifacts.store import RUNS_VIEW, run_url, tracking_uri, tracking_uri_set, ui_url
+from patchlab.artifacts.bank import BANK_FILE, bank_digests
+from patchlab.artifacts.store import (
+    RUNS_VIEW,
+    redact,
+    run_url,
+    tracking_uri,
+    tracking_uri_set,
+    ui_url,
+)
 from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.errors import message
@@ -166,7 +173,9 @@ def config_hash(cfg: DictConfig) -> str:
 
 
 def run_params(cfg: DictConfig) -> dict[str, str]:
-    return flatten(plain(cfg)) | {f"version.{name}": version(name) for name in PACKAGES}
+    """Every setting, a password in a URI redacted, and the versions of the packages."""
+    settings = {key: redact(value) for key, value in flatten(plain(cfg)).items()}
+    return settings | {f"version.{name}": version(name) for name in PACKAGES}
 
 
 class RunLog:
@@ -229,18 +238,21 @@ class RunLog:
         if not self.active:
             return
         # MLflow's model machinery (~0.5 s of imports) only where a model is logged
-        from patchlab.deploy.pyfunc import ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
+        from patchlab.deploy.pyfunc import DIGESTS_KEY, ENTRY, MODEL_NAME, REQUIREMENTS, SIGNATURE
 
+        digests = bank_digests(bank_path)  # every loader checks the bank against these
         with stages.held(), warnings.catch_warnings():
             # An input example would make MLflow load the model and score it while logging;
             # the explicit signature already says what goes in and out.
             warnings.filterwarnings("ignore", message=".*input example was not provided")
+            mlflow.set_tags(digests)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_NAME,
                 python_model=str(ENTRY),
                 artifacts={"bank": str(bank_path)},
                 signature=SIGNATURE,
                 pip_requirements=REQUIREMENTS,
+                metadata={DIGESTS_KEY: digests},  # not model_config: MLflow logs that as params
             )
             self.model_logged = True
             name = tracking.get("register_model")

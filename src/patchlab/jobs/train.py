@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from patchlab.errors import UserError
 from patchlab.jobs import stages
+from patchlab.jobs.redaction import hide_credentials
 from patchlab.jobs.settings import check_settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def job(cfg: DictConfig) -> float:
     output_dir = Path(hydra_cfg.runtime.output_dir)
     sweep = str(Path(hydra_cfg.sweep.dir).resolve()) if hydra_cfg.mode == RunMode.MULTIRUN else None
     stages.catch_stop_signals()
+    hide_credentials(cfg.tracking.uri, output_dir, *([Path(sweep)] if sweep else []))
     log.info("Job %s: %s", cfg.category.name, output_dir)
     try:
         check_settings(cfg)

@@ -21,7 +21,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from patchlab.artifacts.store import default_tracking_uri, run_url, ui_url
+from patchlab.artifacts.store import given_tracking_uri, run_url, ui_url
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.render import FIGURES_DIR
 from patchlab.reporting.run_figures import RUN_FIGURES
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ui-url", default=None, help="run links; default: the server, if any")
     parser.add_argument("--out", type=Path, default=None, help="default: reports/<experiment>")
     args = parser.parse_args(argv)
-    uri = args.tracking_uri or default_tracking_uri()
+    uri = given_tracking_uri(args.tracking_uri)
     out = args.out or Path("reports") / args.experiment
     _, markdown, page = build_report(
         MlflowClient(uri), args.experiment, out, args.sweep, args.run_ids, args.filter, args.ui_url

@@ -73,17 +73,17 @@ def _job_row(job: Path) -> dict:
     cfg = OmegaConf.load(config) if config.is_file() else None
     row = {"category": job.name, "seed_key": cfg.category.name if cfg else job.name}
     row |= config_columns(cfg) | {"optimized_metric": cfg.get("optimized_metric")} if cfg else {}
+    # A job can fail after its metrics are written (the MLflow upload at its end): then it
+    # failed, with its numbers still shown.
     if (job / METRICS_FILE).is_file():
         row |= {"status": "ok", **json.loads((job / METRICS_FILE).read_text())}
+    for name, status in ((KILLED_FILE, "KILLED"), (FAILED_FILE, "FAILED")):
+        if (job / name).is_file():
+            return row | {"status": status, "error": json.loads((job / name).read_text())["error"]}
+    if (job / METRICS_FILE).is_file():
         if (job / RESUMED_FILE).is_file():
             row["resumed_from"] = json.loads((job / RESUMED_FILE).read_text())["run_id"]
         return row
-    if (job / KILLED_FILE).is_file():
-        killed = json.loads((job / KILLED_FILE).read_text())
-        return row | {"status": "KILLED", "error": killed["error"]}
-    if (job / FAILED_FILE).is_file():
-        failure = json.loads((job / FAILED_FILE).read_text())
-        return row | {"status": "FAILED", "error": failure["error"]}
     return row | {"status": "FAILED", "error": "no result: the job ended without metrics.json"}
 
 
