@@ -18,9 +18,10 @@ from helpers.configs import ROOT, compose_config, tracked, train_command
 from helpers.mlflow_server import artifact_paths, mlflow_server
 from helpers.synthetic import MVTEC_CATEGORIES, make_category
 from patchlab.artifacts.bank import BANK_FILE
-from patchlab.artifacts.store import tracking_uri
+from patchlab.artifacts.store import LOCAL_UI, tracking_uri
 from patchlab.core.metrics import evaluate
 from patchlab.deploy.loading import fetch_source, load_detector
+from patchlab.jobs.tracking import RUN_FILE
 from patchlab.training.lightning_module import PatchCoreModule, expected_warnings_silenced
 
 
@@ -53,7 +54,13 @@ def test_embedded_store_gets_params_metrics_and_artifacts(synthetic_root, tmp_pa
     from_mlflow = [w for w in caught if "mlflow" in w.filename]
     assert not from_mlflow, [str(w.message) for w in from_mlflow]
     assert (store / "mlflow.db").is_file()
-    check_run(f"sqlite:///{store / 'mlflow.db'}", metrics)
+    run = check_run(f"sqlite:///{store / 'mlflow.db'}", metrics)
+    assert run.info.run_name == "bottle resnet18 r0.25 k3 64px untuned"
+    written = json.loads((tmp_path / "o" / RUN_FILE).read_text())  # the folder names its run
+    assert written == {
+        "run_id": run.info.run_id,
+        "url": f"{LOCAL_UI}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}",
+    }
 
 
 def test_default_uri_is_the_sqlite_store_under_mlruns(monkeypatch, tmp_path) -> None:

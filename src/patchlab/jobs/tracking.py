@@ -25,6 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from omegaconf import DictConfig, OmegaConf
 
 from patchlab.artifacts.bank import BANK_FILE, bank_digests
+from patchlab.artifacts.run_files import write_json
 from patchlab.artifacts.store import (
     RUNS_VIEW,
     redact,
@@ -58,6 +59,7 @@ EXPERIMENT_TAGS = {
     "mlflow.experimentKind": "custom_model_development",
     f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(RUNS_VIEW_STATE),
 }
+RUN_FILE = "mlflow_run.json"  # in the job's folder: its MLflow run id and UI link
 PARENT_RUN_FILE = ".mlflow_parent_run"  # in the sweep dir: where every job finds its parent run
 # Settings that cannot change a result, left out of the config hash that resume=true matches.
 NOT_HASHED = ("resume", "tracking", "data.num_workers")
@@ -111,12 +113,15 @@ def short_backbone(name: str) -> str:
 
 
 def run_name(cfg: DictConfig) -> str:
-    """What tells runs apart in the UI's list, e.g. `bottle lite2 r0.10 k9 224px`."""
+    """What tells runs apart in the UI's list, e.g. `bottle lite2 r0.10 k9 224px untuned`: the
+    last word says where the decisions come from (F1-optimal on the test set, or tuned for F1
+    on validation images by threshold=optuna)."""
     geometry = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True)).label()
     tiles = f" t{cfg.model.tile_size}" if cfg.model.get("tile_size") else ""
+    decisions = "tuned-f1" if cfg.get("threshold") else "untuned"
     return (
         f"{cfg.category.name} {short_backbone(cfg.backbone.name)} "
-        f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {geometry}{tiles}"
+        f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {geometry}{tiles} {decisions}"
     )
 
 
@@ -322,6 +327,8 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
     with mlflow.start_run(experiment_id=experiment, run_name=run_name(cfg), tags=tags) as run:
         link = run_url(ui_url(tracking_uri(cfg.tracking)), experiment, run.info.run_id)
         logger.info("MLflow run %s: %s", run.info.run_id, link)
+        output_dir.mkdir(parents=True, exist_ok=True)  # the folder says which run it is
+        write_json({"run_id": run.info.run_id, "url": link}, output_dir / RUN_FILE)
         mlflow.log_params(run_params(cfg))
         log = RunLog(active=True)
         killed = False
