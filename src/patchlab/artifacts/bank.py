@@ -119,9 +119,10 @@ def verify_bank(path: Path, recorded: dict[str, str], origin: str) -> None:
     }
     for key in DIGEST_TAGS:
         value = recorded.get(key)
-        if value and actual[key]() != value:
+        found = actual[key]() if value else value
+        if found != value:
             raise UserError(
-                f"{path}: refused to load: its {key} is {actual[key]()}, but {origin} recorded "
+                f"{path}: refused to load: its {key} is {found}, but {origin} recorded "
                 f"{value}. The file was changed after the run wrote it."
             )
 

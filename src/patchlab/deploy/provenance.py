@@ -26,27 +26,29 @@ def model_folder(bank: Path) -> Path | None:
     return folder if (folder / "MLmodel").is_file() else None
 
 
-def check_entry(model_dir: Path) -> None:
-    """A logged model's entry file (the code MLflow runs to load it) must be this package's.
+def verify_model(bank: Path) -> str | None:
+    """Checks the logged model a bank came in, if it came in one; returns the run that logged
+    it (as the model's files say).
 
-    The file lives in the artifact store, so whoever can write there could change it; a
-    changed one is refused. It cannot stop a changed file that MLflow has already run.
+    The entry file (the code MLflow runs to load the model) must be this package's: it lives
+    in the artifact store, so whoever can write there could change it. A changed one is
+    refused, though a file MLflow has already run cannot be undone. The bank must have the
+    digests the model recorded when it was logged.
     """
-    flavors = yaml.safe_load((model_dir / "MLmodel").read_text()).get("flavors") or {}
-    code = (flavors.get("python_function") or {}).get("model_code_path")
-    entry = model_dir / Path(code or ENTRY.name).name
+    folder = model_folder(bank)
+    if folder is None:
+        return None
+    mlmodel = yaml.safe_load((folder / "MLmodel").read_text())
+    code = ((mlmodel.get("flavors") or {}).get("python_function") or {}).get("model_code_path")
+    entry = folder / Path(code or ENTRY.name).name
     if not entry.is_file() or entry.read_bytes() != ENTRY.read_bytes():
         raise UserError(
             f"{entry}: refused to load: the model's entry file is not the one this patchlab "
             f"ships ({ENTRY}). Log the model again from a run made with this version."
         )
-
-
-def model_record(model_dir: Path) -> tuple[dict[str, str], str | None]:
-    """The digests a logged model carries in its MLmodel file, and the run that logged it."""
-    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
     digests = (mlmodel.get("metadata") or {}).get(DIGESTS_KEY) or {}
-    return {str(k): str(v) for k, v in digests.items()}, mlmodel.get("run_id")
+    verify_bank(bank, {str(k): str(v) for k, v in digests.items()}, "its logged model")
+    return mlmodel.get("run_id")
 
 
 def producing_run(source: str, tracking_uri: str | None) -> str | None:
@@ -76,11 +78,7 @@ def run_tags(run_id: str, tracking_uri: str | None) -> dict[str, str]:
 def verify_fetched(source: str, bank: Path, tracking_uri: str | None) -> None:
     """A fetched model's entry file, then its bank against its model's and its run's digests."""
     run_id = producing_run(source, tracking_uri)
-    folder = model_folder(bank)
-    if folder is not None:
-        check_entry(folder)
-        recorded, logged_by = model_record(folder)
-        verify_bank(bank, recorded, "its logged model")
-        run_id = run_id or logged_by
+    logged_by = verify_model(bank)
+    run_id = run_id or logged_by
     if run_id:
         verify_bank(bank, run_tags(run_id, tracking_uri), f"run {run_id}")

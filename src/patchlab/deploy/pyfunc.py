@@ -29,10 +29,8 @@ from patchlab.deploy.predictor import Prediction
 from patchlab.deploy.provenance import (
     DIGESTS_KEY,
     ENTRY,
-    check_entry,
-    model_folder,
-    model_record,
     run_tags,
+    verify_model,
 )
 from patchlab.errors import UserError
 
@@ -142,13 +140,10 @@ class PatchCoreModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         bank = Path(context.artifacts["bank"])
-        folder = model_folder(bank)
-        if folder is not None:
-            check_entry(folder)
-            recorded, run_id = model_record(folder)
-            verify_bank(bank, recorded, "its logged model")
+        run_id = verify_model(bank)
+        if run_id:
             try:
-                tags = run_tags(run_id, None) if run_id else {}
+                tags = run_tags(run_id, None)
             except Exception as error:  # served without its tracking server: the model's record
                 log.warning("Run %s not reachable to verify the bank against: %s", run_id, error)
                 tags = {}

@@ -39,8 +39,9 @@ def redact_hydra_files(*folders: Path) -> None:
     for folder in folders:
         for path in [*folder.glob(".hydra/*.yaml"), *folder.glob("multirun.yaml")]:
             text = path.read_text()
-            if redact(text) != text:
-                path.write_text(redact(text))
+            clean = redact(text)
+            if clean != text:
+                path.write_text(clean)
 
 
 def hide_credentials(uri: str | None, *folders: Path) -> None:
