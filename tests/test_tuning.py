@@ -16,6 +16,7 @@ from helpers.synthetic import make_category
 from patchlab.artifacts.bank import BANK_FILE, read_banks
 from patchlab.artifacts.run_files import TestOutputs
 from patchlab.core.metrics import evaluate
+from patchlab.errors import UserError
 from patchlab.jobs.pipeline import run
 from patchlab.tuning.postprocess import PostProcessing, binarize
 from patchlab.tuning.split import stratified_split
@@ -222,3 +223,12 @@ def test_model_selection_sweep_picks_by_validation_and_reports_held_out(tmp_path
     assert parent.data.metrics["selected_held_out_pixel_auroc"] == pytest.approx(
         jobs[best]["held_out_pixel_auroc"]
     )
+
+
+def test_one_test_image_per_defect_type_is_too_few_to_split(tmp_path) -> None:
+    """A tiny own category: the split would leave validation empty. One line with the fix."""
+    tuning = ThresholdTuning(storage=None)
+    with pytest.raises(UserError, match=r"one part is empty: .*threshold.validation=synthetic"):
+        tuning.split(["good", "scratch", "stain"])
+    val, held_out = stratified_split(["good", "good", "scratch", "scratch"], 0.5, 0)
+    assert val.dtype == held_out.dtype == torch.long and len(val) == len(held_out) == 2

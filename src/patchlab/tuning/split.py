@@ -27,4 +27,7 @@ def stratified_split(
             count = min(max(count, 1), len(members) - 1)
         validation += members[:count].tolist()
         held_out += members[count:].tolist()
-    return torch.tensor(sorted(validation)), torch.tensor(sorted(held_out))
+    return (
+        torch.tensor(sorted(validation), dtype=torch.long),
+        torch.tensor(sorted(held_out), dtype=torch.long),
+    )

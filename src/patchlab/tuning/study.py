@@ -25,7 +25,7 @@ from patchlab.core.metrics import (
 )
 from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import ALL, RankedCounts, rank
-from patchlab.errors import SettingError, check_limits
+from patchlab.errors import SettingError, UserError, check_limits
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, value_range
 from patchlab.tuning.split import stratified_split
 
@@ -161,6 +161,13 @@ class ThresholdTuning:
         if self.validation == "synthetic":
             return {}
         val, held_out = stratified_split(defect_types, self.val_fraction, self.seed)
+        if not len(val) or not len(held_out):
+            counts = {t: defect_types.count(t) for t in sorted(set(defect_types))}
+            raise UserError(
+                f"threshold=optuna splits the test set into validation and held-out images, "
+                f"but with {counts} images per type one part is empty: give a defect type at "
+                "least two test images, or use threshold.validation=synthetic"
+            )
         return {"val": val, "held_out": held_out}
 
     def study(self, validation: TestOutputs, baseline: RankedCounts, sigma: float, name: str):
