@@ -31,7 +31,9 @@ from patchlab.deploy.export import export
 from patchlab.deploy.loading import load_predictor, predictor_from
 from patchlab.deploy.predict import main as predict_main
 from patchlab.errors import UserError
+from patchlab.jobs.retune import retune
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
+from patchlab.tuning.study import ThresholdTuning
 
 MODEL = "synthetic_bottle"
 
@@ -401,3 +403,18 @@ def test_real_bottle_served_over_http(real_bottle: TrainedRun) -> None:
     )
     expected = [real_bottle.scores[p] for p in paths]
     assert [row["image_score"] for row in rows] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.real_data
+def test_a_false_reject_target_on_real_bottle(real_bottle: TrainedRun, tmp_path: Path) -> None:
+    """Re-chosen on the run's cached bottle scores: the threshold rejects at most 5% of good
+    validation images, and the held-out rates come with their Clopper-Pearson intervals."""
+    folder = tmp_path / "retune"
+    shutil.copytree(real_bottle.out, folder)
+    point = {"objective": "false_reject", "target": 0.05}
+    tuning = ThresholdTuning(seed=0, n_trials=3, operating_point=point)
+    found = retune(folder, tuning, OmegaConf.load(folder / "config.yaml"), real_bottle.run_id)
+    assert found.rates["val"]["false_reject_rate"].value <= 0.05
+    held = found.rates["held_out"]["recall"]
+    assert found.metrics["held_out_image_recall_ci_low"] == pytest.approx(held.interval()[0])
+    assert f"held-out recall {held.value:.3f} (95% CI" in "\n".join(found.lines())

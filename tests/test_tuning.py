@@ -84,7 +84,7 @@ def tune(config: ThresholdTuning, outputs: TestOutputs, name: str) -> Tuning:
     """What a run does: split, evaluate every part from one sort, tune on the validation part."""
     parts = config.split(TYPES)
     evaluation = evaluate(outputs.image_scores, outputs.labels, outputs.maps, outputs.masks, parts)
-    return config.run(outputs, evaluation, parts, 0.0, name)
+    return config.run(outputs, TYPES, evaluation, parts, 0.0, name)
 
 
 def test_a_known_threshold_is_recovered(tmp_path: Path) -> None:

@@ -62,12 +62,13 @@ def read_samples(path: Path) -> list[Sample]:
 
 
 def write_scores_csv(outputs: TestOutputs, samples: list[Sample], path: Path) -> None:
-    """One row per test image: where it is (absolute, so the file works from any folder), what
-    it is, and how anomalous the model found it."""
+    """One row per test image: where it is (absolute, so the file works from any folder, but
+    through the user's symlinks, not their targets), what it is, and how anomalous the model
+    found it."""
     with written_atomically(path) as partial, partial.open("w", newline="") as file:
         writer = csv.writer(file)
         writer.writerow(["path", "defect_type", "label", "image_score"])
         for sample, score in zip(samples, outputs.image_scores, strict=True):
             writer.writerow(
-                [str(sample.image.resolve()), sample.defect_type, sample.label, float(score)]
+                [os.path.abspath(sample.image), sample.defect_type, sample.label, float(score)]
             )

@@ -99,3 +99,12 @@ def runs_view_url(ui: str, experiment: str) -> str:
 def run_url(ui: str, experiment: str, run_id: str) -> str:
     """One run's page in the MLflow UI."""
     return f"{ui.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def study_storage(storage: str | None, tracking: DictConfig, output_dir: Path) -> str:
+    """The Optuna storage a run's study goes to: `threshold.storage` when set, else optuna.db
+    beside MLflow's store, or in the run's own folder when tracking is off."""
+    if storage:
+        return storage
+    folder = Path(tracking.root) if tracking.enabled else output_dir
+    return f"sqlite:///{folder.resolve() / 'optuna.db'}"

@@ -36,12 +36,23 @@ from patchlab.errors import UserError, command_parser, exit_on_user_error
 
 log = logging.getLogger("patchlab.predict")
 PREDICTIONS_FILE = "predictions.csv"
-COLUMNS = ["path", "image_score", "normalised_score", "anomalous", "defect_area_px", "error"]
+COLUMNS = [
+    "path",
+    "image_score",
+    "normalised_score",
+    "anomalous",
+    "operating_point",
+    "defect_area_px",
+    "error",
+]
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, folders (recursive) and globs -> image files, each once, in the order given."""
-    found: dict[Path, None] = {}
+    """Files, folders (recursive) and globs -> image files, each once, in the order given.
+
+    Paths stay as the user gave them (relative, through symlinks): the CSV names the file the
+    user knows. The same file given twice is listed once."""
+    found: dict[str, Path] = {}
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -52,14 +63,15 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
         if not matches:
             raise UserError(f"INPUT {item!r} is no file, no folder with images, no glob match")
-        found.update(dict.fromkeys(p.resolve() for p in matches))
-    return list(found)
+        found |= {os.path.abspath(p): p for p in matches if os.path.abspath(p) not in found}
+    return list(found.values())
 
 
 def output_names(paths: list[Path]) -> list[Path]:
     """Each input's path below the inputs' common folder, so same-named files do not collide."""
-    common = Path(os.path.commonpath([p.parent for p in paths]))
-    return [p.relative_to(common).with_suffix(".png") for p in paths]
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    common = Path(os.path.commonpath([p.parent for p in absolute]))
+    return [p.relative_to(common).with_suffix(".png") for p in absolute]
 
 
 def batches(paths: list[Path], size: int) -> Iterator[list[tuple[int, torch.Tensor | str]]]:
@@ -108,7 +120,7 @@ def predict_folder(
 ) -> int:
     """Writes predictions.csv and the per-image PNGs; returns how many images failed."""
     out.mkdir(parents=True, exist_ok=True)
-    names = output_names(paths)
+    names, point = output_names(paths), predictor.decisions.operating_point
     failed = 0
     start = time.perf_counter()
     with (out / PREDICTIONS_FILE).open("w", newline="") as file:
@@ -130,7 +142,7 @@ def predict_folder(
                 if isinstance(image, str):
                     failed += 1
                     log.error("%s", image)
-                    writer.writerow([str(paths[index]), "", "", "", "", image])
+                    writer.writerow([str(paths[index]), "", "", "", point, "", image])
                     continue
                 result = predictions[index]
                 area = "" if result.defect_area is None else result.defect_area
@@ -140,6 +152,7 @@ def predict_folder(
                         result.score,
                         result.normalised_score,
                         int(result.anomalous),
+                        point,
                         area,
                         "",
                     ]

@@ -28,6 +28,7 @@ class Decisions:
     post: PostProcessing | None = None
     pixel_threshold: float | None = None  # raw map threshold, when there is no post-processing
     thresholds_from: str = "unknown"
+    operating_point: str = "f1"  # the objective the image threshold was chosen by
 
     @classmethod
     def from_extra(cls, extra: dict) -> "Decisions":
@@ -37,6 +38,7 @@ class Decisions:
             post=PostProcessing(**post) if post else None,
             pixel_threshold=extra.get("pixel_threshold"),
             thresholds_from=extra.get("thresholds_from", "unknown"),
+            operating_point=extra.get("operating_point", "f1"),
         )
 
     def pixel_scale(self, maps: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ from patchlab.artifacts.run_files import (
     write_json,
     write_scores_csv,
 )
-from patchlab.artifacts.store import redact
+from patchlab.artifacts.store import redact, study_storage
 from patchlab.core.detector import PatchCore
 from patchlab.core.metrics import evaluate_outputs
 from patchlab.jobs import stages
@@ -79,7 +79,10 @@ def untuned_decisions(metrics: dict[str, float]) -> dict:
     decisions = {"image_threshold": metrics.get("image_f1_max_threshold")}
     if math.isfinite(metrics.get("pixel_f1_max_threshold", math.nan)):  # NaN: no defect pixel
         decisions["pixel_threshold"] = metrics["pixel_f1_max_threshold"]
-    return decisions | {"thresholds_from": "test set F1-max (threshold=none)"}
+    return decisions | {
+        "thresholds_from": "test set F1-max (threshold=none)",
+        "operating_point": "f1 on the test set",
+    }
 
 
 def run(
@@ -134,10 +137,14 @@ def run(
 
             synthetic = synthetic_validation(detector.predict, images, valid, cfg.seed)
         name = f"{cfg.category.name}:{output_dir.resolve()}"
-        found = tuning.run(out, evaluation, parts, cfg.model.blur_sigma, name, synthetic)
+        tuning.storage = study_storage(tuning.storage, cfg.tracking, output_dir)
+        types = [sample.defect_type for sample in samples]
+        found = tuning.run(out, types, evaluation, parts, cfg.model.blur_sigma, name, synthetic)
         metrics |= found.metrics
         decisions = found.travelling() | {"thresholds_from": "validation (threshold=optuna)"}
         write_json(found.summary(tuning.storage), output_dir / TUNING_FILE)
+        for line in found.lines():
+            log.info("%s", line)
         run_log.params({f"tuned.{key}": value for key, value in found.params().items()})
         run_log.metrics(found.metrics)
     stages.enter("writing results")

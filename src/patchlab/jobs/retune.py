@@ -27,7 +27,7 @@ from patchlab.artifacts.run_files import (
     load_outputs,
     write_json,
 )
-from patchlab.artifacts.store import given_tracking_uri
+from patchlab.artifacts.store import given_tracking_uri, study_storage
 from patchlab.core.metrics import evaluate_outputs
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.jobs.tracking import existing_run
@@ -39,22 +39,24 @@ PART_METRICS = ("val_", "held_out_")
 
 def tuning_of(cfg: DictConfig) -> ThresholdTuning:
     """The run's own tuning settings, or the defaults (seeded and stored as the run was)."""
-    if cfg.get("threshold") is not None:
-        return instantiate(cfg.threshold)
-    storage = f"sqlite:///{Path(cfg.tracking.root).resolve() / 'optuna.db'}"
-    return ThresholdTuning(seed=cfg.seed, storage=storage)
+    tuning = instantiate(cfg.threshold) if cfg.get("threshold") is not None else None
+    tuning = tuning or ThresholdTuning(seed=cfg.seed)
+    tuning.storage = study_storage(tuning.storage, cfg.tracking, Path(cfg.tracking.root))
+    return tuning
 
 
-def retune(folder: Path, tuning: ThresholdTuning, cfg: DictConfig) -> Tuning:
-    """Tunes again from the run files in `folder`, writing tuning.json and plots into it."""
+def retune(folder: Path, tuning: ThresholdTuning, cfg: DictConfig, run_id: str) -> Tuning:
+    """Tunes again from the run files in `folder`, writing tuning.json and plots into it.
+
+    The study is the run's re-tune study: a later re-tune of the same run replaces it."""
     with (folder / SCORES_FILE).open() as file:
         defect_types = [row["defect_type"] for row in csv.DictReader(file)]
     outputs = load_outputs(folder / OUTPUTS_FILE)
     tuning.validation = "test_split"  # the held-back images of synthetic validation are gone
     parts = tuning.split(defect_types)
     evaluation = evaluate_outputs(outputs, parts)
-    name = f"{cfg.category.name}:{folder.resolve()}"
-    found = tuning.run(outputs, evaluation, parts, cfg.model.blur_sigma, name)
+    name = f"{cfg.category.name}:run {run_id}:retune"
+    found = tuning.run(outputs, defect_types, evaluation, parts, cfg.model.blur_sigma, name)
     found.metrics |= {k: v for k, v in evaluation.metrics.items() if k.startswith(PART_METRICS)}
     write_json(found.summary(tuning.storage), folder / TUNING_FILE)
     if found.study is not None:
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         tuning = tuning_of(cfg)
         if args.n_trials is not None:
             tuning.n_trials = args.n_trials
-        found = retune(local, tuning, cfg)
+        found = retune(local, tuning, cfg, args.run_id)
         for name in (OUTPUTS_FILE, SCORES_FILE, CONFIG_FILE):
             (local / name).unlink()
         with existing_run(uri, args.run_id) as run_log:

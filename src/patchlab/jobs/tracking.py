@@ -114,11 +114,17 @@ def short_backbone(name: str) -> str:
 
 def run_name(cfg: DictConfig) -> str:
     """What tells runs apart in the UI's list, e.g. `bottle lite2 r0.10 k9 224px untuned`: the
-    last word says where the decisions come from (F1-optimal on the test set, or tuned for F1
-    on validation images by threshold=optuna)."""
+    last word says where the decisions come from: `untuned` (F1-optimal on the test set), or
+    `tuned-<operating point>` on validation images by threshold=optuna (`tuned-f1`,
+    `tuned-false_reject<=0.05`)."""
     geometry = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True)).label()
     tiles = f" t{cfg.model.tile_size}" if cfg.model.get("tile_size") else ""
-    decisions = "tuned-f1" if cfg.get("threshold") else "untuned"
+    decisions = "untuned"
+    if cfg.get("threshold"):
+        from patchlab.tuning.operating_point import OperatingPoint  # only for tuned runs
+
+        point = OmegaConf.to_container(cfg.threshold.get("operating_point") or {}, resolve=True)
+        decisions = f"tuned-{OperatingPoint(**point).label().replace(' ', '-')}"
     return (
         f"{cfg.category.name} {short_backbone(cfg.backbone.name)} "
         f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {geometry}{tiles} {decisions}"

@@ -6,7 +6,9 @@ threshold is tuned: there is no pixel study and no post-processing. Nothing here
 or talks to MLflow: the run's job does, with what `run` returns.
 """
 
+import contextlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,14 +21,15 @@ from omegaconf import DictConfig, OmegaConf
 from patchlab.core.metrics import (
     Evaluation,
     evaluate_outputs,
-    f1_max,
     precision_recall_f1,
     prefixed,
 )
 from patchlab.core.outputs import TestOutputs
 from patchlab.core.ranking import ALL, RankedCounts, rank
 from patchlab.errors import SettingError, UserError, check_limits
+from patchlab.tuning.operating_point import OperatingPoint
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, value_range
+from patchlab.tuning.rates import Rate, decision_rates, defect_types, rate_metrics
 from patchlab.tuning.split import stratified_split
 
 # threshold is on maps normalised to the validation maps' [min, max]; radii and areas in
@@ -40,6 +43,9 @@ SEARCH_SPACE = {
 }
 
 
+RATE_WORDS = {"false_reject_rate": "false-reject rate"}
+
+
 @dataclass
 class Tuning:
     """What tuning found on validation data and what it scored on the held-out part.
@@ -51,21 +57,44 @@ class Tuning:
     image_threshold: float
     metrics: dict[str, float]
     study: optuna.Study | None
+    point: OperatingPoint = field(default_factory=OperatingPoint)
+    rates: dict[str, dict[str, Rate]] = field(default_factory=dict)  # "val", "held_out"
 
     def travelling(self) -> dict:
         """What scoring new images needs, stored in the bank file's metadata."""
         post = {} if self.post is None else {"post_processing": self.post.as_dict()}
-        return post | {"image_threshold": self.image_threshold}
+        return post | {"image_threshold": self.image_threshold, "operating_point": self.label}
 
-    def params(self) -> dict[str, float]:
+    @property
+    def label(self) -> str:
+        return self.point.label()
+
+    def params(self) -> dict[str, float | str]:
         """The tuned values, flat, as MLflow params."""
         post = self.post.as_dict() if self.post is not None else {}
-        return post | {"image_threshold": self.image_threshold}
+        return post | {"image_threshold": self.image_threshold, "operating_point": self.label}
 
     def summary(self, storage: str | None) -> dict:
-        """tuning.json: the decisions, the metrics, and where the study is stored."""
+        """tuning.json: the decisions, the rates they give, the metrics, and the study."""
         study = {} if self.study is None else {"study": self.study.study_name, "storage": storage}
-        return {**self.travelling(), "metrics": self.metrics, **study}
+        rates = {
+            part: {name: rate.metrics("rate") | {"hits": rate.hits} for name, rate in found.items()}
+            for part, found in self.rates.items()
+        }
+        point = vars(self.point) | {"label": self.label, "rates": rates}
+        return {**self.travelling(), "objective": point, "metrics": self.metrics, **study}
+
+    def lines(self) -> list[str]:
+        """What the run prints about its operating point: every deciding rate with its 95%
+        interval, the targeted one beside its target; per defect type on the held-out part."""
+        lines = [f"Operating point {self.label}: image threshold {self.image_threshold:.6g}"]
+        for part, words in (("val", "validation"), ("held_out", "held-out")):
+            for name, rate in self.rates.get(part, {}).items():
+                if "/" in name and part == "val":
+                    continue
+                what = RATE_WORDS.get(name) or name.replace("/", " of ")
+                lines.append(rate.line(f"{words} {what}") + self.point.target_note(name))
+        return lines
 
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
@@ -122,7 +151,11 @@ class ThresholdTuning:
         seed: Seeds the split and Optuna's sampler.
         n_trials: Optuna trials; the first is always the threshold-only optimum.
         storage: Optuna storage URL, so studies can be reloaded; None keeps them in memory.
+        resume: Continue the study of the same name (category and output folder) with
+            `n_trials` more; otherwise a run replaces it, so the same command into the same
+            folder gives the same result.
         search_space: `{knob: {low, high}}` over PostProcessing's fields, `sigma` included.
+        operating_point: How the image threshold is chosen (`OperatingPoint`'s fields).
     """
 
     LIMITS: ClassVar = {  # a literal for the preflight (see errors.check_limits)
@@ -137,11 +170,15 @@ class ThresholdTuning:
     seed: int = 0
     n_trials: int = 100
     storage: str | None = None
+    resume: bool = False
     search_space: Mapping = field(default_factory=lambda: json.loads(json.dumps(SEARCH_SPACE)))
+    operating_point: Mapping | OperatingPoint = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.search_space, DictConfig):
             self.search_space = OmegaConf.to_container(self.search_space, resolve=True)
+        if not isinstance(self.operating_point, OperatingPoint):
+            self.operating_point = OperatingPoint(**dict(self.operating_point))
         check_limits(self.LIMITS, vars(self))
         unknown = set(self.search_space) - set(SEARCH_SPACE)
         if unknown or "sigma" not in self.search_space:
@@ -178,6 +215,9 @@ class ThresholdTuning:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         if self.storage and self.storage.startswith("sqlite:///"):
             Path(self.storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        if self.storage and not self.resume:  # a run into the same folder replaces its study
+            with contextlib.suppress(KeyError):
+                optuna.delete_study(study_name=name, storage=self.storage)
         study = optuna.create_study(
             study_name=name,
             storage=self.storage,
@@ -198,6 +238,7 @@ class ThresholdTuning:
     def run(
         self,
         outputs: TestOutputs,
+        types: list[str],
         evaluation: Evaluation,
         parts: dict[str, torch.Tensor],
         sigma: float,
@@ -206,17 +247,20 @@ class ThresholdTuning:
     ) -> Tuning:
         """Tunes on validation images and reports honest figures on images it never saw.
 
-        `evaluation` holds the test set's metrics and rankings, for its `parts` (`split`) too;
-        its maps are at `sigma`. With `synthetic` validation (CutPaste copies of held-back
-        good images) the whole test set is held out. Pixel figures appear only for parts with
-        masks.
+        `types` are the test images' defect types. `evaluation` holds the test set's metrics
+        and rankings, for its `parts` (`split`) too; its maps are at `sigma`. With `synthetic`
+        validation (CutPaste copies of held-back good images, typed "synthetic") the whole
+        test set is held out. Pixel figures appear only for parts with masks.
         """
         if synthetic is None:
             validation = outputs.subset(parts["val"])
             held_out = outputs.subset(parts["held_out"])
+            val_types = [types[i] for i in parts["val"].tolist()]
+            held_types = [types[i] for i in parts["held_out"].tolist()]
             ranked, metrics = evaluation.pixel.get("val"), {}
         else:
-            validation, held_out = synthetic, outputs
+            validation, held_out, held_types = synthetic, outputs, types
+            val_types = ["good" if not label else "synthetic" for label in synthetic.labels]
             found = evaluate_outputs(synthetic)
             ranked = found.pixel.get(ALL)
             metrics = prefixed("val", found.metrics) | prefixed("held_out", evaluation.metrics)
@@ -231,11 +275,38 @@ class ThresholdTuning:
             if held_out.pixel_labelled:
                 predicted = binarize(maps_at(held_out, post.sigma), post)
                 metrics |= _prefixed("pixel", precision_recall_f1(predicted, held_out.masks))
-        _, image_threshold = f1_max(validation.image_scores, validation.labels)
+                metrics |= defect_pixels_found(predicted, held_out, held_types)
+        point = self.operating_point
+        image_threshold = point.choose(validation.image_scores, validation.labels, val_types)
+        rates = {
+            "val": decision_rates(
+                validation.image_scores, validation.labels, val_types, image_threshold
+            ),
+            "held_out": decision_rates(
+                held_out.image_scores, held_out.labels, held_types, image_threshold
+            ),
+        }
         decisions = held_out.image_scores >= image_threshold
         metrics |= {
             "image_f1": precision_recall_f1(decisions, held_out.labels)["f1"],
+            "image_threshold": image_threshold,
             "val_images": float(len(validation.labels)),
             "held_out_images": float(len(held_out.labels)),
         }
-        return Tuning(post, image_threshold, metrics, study)
+        metrics |= rate_metrics("val", rates["val"]) | rate_metrics("held_out", rates["held_out"])
+        return Tuning(post, image_threshold, metrics, study, point, rates)
+
+
+def defect_pixels_found(predicted: torch.Tensor, outputs: TestOutputs, types: list[str]) -> dict:
+    """The share of each defect type's defect pixels inside the predicted masks, as
+    `held_out_defect_pixels_found/<type>`: how much of a crack the mask shows."""
+    truth = outputs.masks.bool()
+    found = {}
+    for name in defect_types(types, outputs.labels.bool()):
+        of_type = torch.tensor([t == name for t in types])
+        defect_pixels = int(truth[of_type].sum())
+        hits = int((predicted[of_type] & truth[of_type]).sum())
+        found[f"held_out_defect_pixels_found/{name}"] = (
+            hits / defect_pixels if defect_pixels else math.nan
+        )
+    return found

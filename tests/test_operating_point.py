@@ -1,0 +1,205 @@
+"""Operating points a line can sign off: objectives met on validation, rates with exact
+intervals, per-type recall, predict following the point, and tuned runs that reproduce."""
+
+import csv
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from scipy.stats import binom
+
+from helpers.configs import compose_config
+from patchlab.artifacts.bank import BANK_FILE, read_banks
+from patchlab.core.metrics import f1_max
+from patchlab.errors import SettingError, UserError
+from patchlab.jobs.pipeline import run
+from patchlab.jobs.tracking import run_name, tracked_run
+from patchlab.tuning.operating_point import OperatingPoint
+from patchlab.tuning.rates import Rate, decision_rates
+
+TUNED = ["threshold=optuna", "threshold.n_trials=8"]
+
+
+def scored(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Overlapping good and defective scores of two defect types, one much fainter."""
+    generator = torch.Generator().manual_seed(seed)
+    good = torch.rand(60, generator=generator)
+    crack = 0.8 + 0.6 * torch.rand(30, generator=generator)
+    faint = 0.3 + 0.6 * torch.rand(30, generator=generator)
+    labels = torch.tensor([0] * 60 + [1] * 60)
+    return torch.cat([good, crack, faint]), labels, ["good"] * 60 + ["crack"] * 30 + ["faint"] * 30
+
+
+@pytest.mark.parametrize("target", [0.0, 0.05, 0.2])
+def test_a_false_reject_target_holds_and_catches_the_most(target: float) -> None:
+    scores, labels, types = scored()
+    point = OperatingPoint("false_reject", target)
+    threshold = point.choose(scores, labels, types)
+    rates = decision_rates(scores, labels, types, threshold)
+    assert rates["false_reject_rate"].value <= target
+    good = scores[labels == 0].sort(descending=True).values
+    allowed = int(target * 60)  # the best threshold sits just above the next good score
+    best = decision_rates(scores, labels, types, float(good[allowed]) + 1e-9)
+    assert rates["recall"].hits == best["recall"].hits
+
+
+def test_a_recall_target_per_type_holds_for_every_type() -> None:
+    scores, labels, types = scored()
+    overall = OperatingPoint("recall", 0.9).choose(scores, labels, types)
+    per_type = OperatingPoint("recall", 0.9, per_type=True).choose(scores, labels, types)
+    loose, strict = (decision_rates(scores, labels, types, t) for t in (overall, per_type))
+    assert loose["recall"].value >= 0.9 and loose["recall/faint"].value < 0.9
+    assert strict["recall/faint"].value >= 0.9 and strict["recall/crack"].value >= 0.9
+    assert strict["false_reject_rate"].value >= loose["false_reject_rate"].value
+    everything = OperatingPoint("recall", 1.0, per_type=True).choose(scores, labels, types)
+    assert decision_rates(scores, labels, types, everything)["recall"].value == 1.0
+
+
+def test_a_costly_escape_lowers_the_threshold() -> None:
+    scores, labels, types = scored()
+    cheap = OperatingPoint("cost", escape_cost=0.2).choose(scores, labels, types)
+    dear = OperatingPoint("cost", escape_cost=20).choose(scores, labels, types)
+    rare = OperatingPoint("cost", escape_cost=20, defect_rate=0.001).choose(scores, labels, types)
+    assert dear < cheap <= rare and dear < rare  # a rare defect is not worth false rejects
+
+
+def test_the_f1_objective_is_the_f1_max_threshold() -> None:
+    scores, labels, types = scored()
+    assert OperatingPoint().choose(scores, labels, types) == f1_max(scores, labels)[1]
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"objective": "false_reject"}, "target.*must be a rate"),
+        ({"objective": "recall", "target": 1.5}, "target.*must be a rate"),
+        ({"objective": "precision"}, "objective"),
+        ({"objective": "cost", "defect_rate": 1.0}, "defect_rate"),
+    ],
+)
+def test_bad_operating_points_are_named(settings: dict, match: str) -> None:
+    with pytest.raises(SettingError, match=match):
+        OperatingPoint(**settings)
+
+
+def test_validation_without_good_images_is_refused() -> None:
+    with pytest.raises(UserError, match="needs good and defective"):
+        OperatingPoint("false_reject", 0.1).choose(torch.rand(4), torch.ones(4), ["a"] * 4)
+
+
+@pytest.mark.parametrize(("hits", "count"), [(40, 40), (0, 20), (7, 41), (19, 20), (1, 3)])
+def test_the_interval_is_clopper_pearson(hits: int, count: int) -> None:
+    """Each end is where the binomial tail beyond the measured count is 2.5%."""
+    rate = Rate(hits, count, "images")
+    low, high = rate.interval()
+    assert low <= rate.value <= high
+    if hits:
+        assert binom.sf(hits - 1, count, low) == pytest.approx(0.025, abs=1e-9)
+    else:
+        assert low == 0.0
+    if hits < count:
+        assert binom.cdf(hits, count, high) == pytest.approx(0.025, abs=1e-9)
+    else:
+        assert high == 1.0
+
+
+def test_the_printed_line_states_the_interval_and_count() -> None:
+    line = Rate(40, 40, "defective images").line("held-out recall")
+    assert line == "held-out recall 1.000 (95% CI 0.91-1.00, 40 defective images)"
+
+
+def test_runs_differing_in_tuning_have_different_names() -> None:
+    point = "threshold.operating_point"
+    names = {
+        run_name(compose_config(overrides))
+        for overrides in (
+            [],
+            ["threshold=optuna"],
+            ["threshold=optuna", f"{point}.objective=false_reject", f"{point}.target=0.05"],
+            ["threshold=optuna", f"{point}.objective=recall", f"{point}.target=1"],
+        )
+    }
+    assert len(names) == 4
+    assert any(name.endswith("tuned-false_reject<=0.05") for name in names)
+
+
+def test_a_recall_target_of_one_per_type_in_a_run(
+    synthetic_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two defect types, every validation defect caught, held-out per-type recall reported,
+    logged to MLflow with intervals, and predict's decisions and CSV follow the point."""
+    point = "threshold.operating_point"
+    overrides = [f"data.root={synthetic_root}", f"tracking.root={tmp_path / 'mlruns'}", *TUNED]
+    overrides += [f"{point}.objective=recall", f"{point}.target=1.0", f"{point}.per_type=true"]
+    cfg = compose_config(overrides)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO), tracked_run(cfg, out) as run_log:
+        metrics, _, _ = run(cfg, out, run_log)
+    for defect_type in ("scratch", "stain"):
+        assert metrics[f"val_image_recall/{defect_type}"] == 1.0
+        held_out = metrics[f"held_out_image_recall/{defect_type}"]
+        low, high = (
+            metrics[f"held_out_image_recall/{defect_type}_ci_{e}"] for e in ("low", "high")
+        )
+        assert low <= held_out <= high
+        assert 0 <= metrics[f"held_out_defect_pixels_found/{defect_type}"] <= 1
+    printed = caplog.text
+    assert "Operating point recall>=1 per type" in printed
+    assert "validation recall 1.000 (95% CI" in printed and "; target >= 1" in printed
+    assert "held-out recall of stain" in printed and "held-out false-reject rate" in printed
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning["operating_point"] == "recall>=1 per type"
+    assert tuning["objective"]["rates"]["val"]["recall/stain"]["rate"] == 1.0
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").search_runs(
+        [
+            MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+            .get_experiment_by_name(cfg.tracking.experiment)
+            .experiment_id
+        ]
+    )[0]
+    assert logged.data.params["tuned.operating_point"] == "recall>=1 per type"
+    assert logged.data.params["threshold.operating_point.objective"] == "recall"
+    assert "held_out_image_false_reject_rate_ci_high" in logged.data.metrics
+    assert logged.info.run_name.endswith("tuned-recall>=1-per-type")
+    extra = json.loads(read_banks(out / BANK_FILE)[2]["extra"])
+    assert extra["operating_point"] == "recall>=1 per type"
+    assert extra["image_threshold"] == pytest.approx(tuning["image_threshold"])
+    predicted = tmp_path / "pred"
+    command = [sys.executable, "-m", "patchlab.predict", str(out / BANK_FILE)]
+    command += [str(synthetic_root / "bottle" / "test"), "--out", str(predicted)]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path)
+    with (predicted / "predictions.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert {row["operating_point"] for row in rows} == {"recall>=1 per type"}
+    for row in rows:
+        assert row["anomalous"] == str(int(float(row["image_score"]) >= extra["image_threshold"]))
+
+
+def test_two_identical_tuned_runs_into_one_folder_agree(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """With tracking off, the study lives beside the run; the second run replaces it instead
+    of continuing it, so both runs give the same tuning.json and metrics."""
+    cfg = compose_config([f"data.root={synthetic_root}", "tracking=none", *TUNED])
+    out, written = tmp_path / "out", []
+    for _ in range(2):
+        run(cfg, out)
+        metrics = json.loads((out / "metrics.json").read_text())
+        timing = ("fit_seconds", "test_seconds", "peak_rss_mb")
+        written.append(
+            (
+                (out / "tuning.json").read_text(),
+                {k: v for k, v in metrics.items() if k not in timing},
+            )
+        )
+    assert written[0] == written[1]
+    storage = f"sqlite:///{(out / 'optuna.db').resolve()}"
+    study = json.loads(written[1][0])["study"]
+    assert len(optuna.load_study(study_name=study, storage=storage).trials) == 8
+    assert not (Path(cfg.tracking.root) / "optuna.db").exists()
