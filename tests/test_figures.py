@@ -16,14 +16,15 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from helpers.configs import ROOT, tracked
 from patchlab.core.metrics import rank
 from patchlab.reporting.render import load_run, render_run
-from patchlab.reporting.report import build_report
-from patchlab.reporting.run_figures import CURVE_POINTS, _curve
+from patchlab.reporting.report import WORST_CASES, build_report
+from patchlab.reporting.run_figures import CURVE_POINTS, RUN_FIGURES, _curve
 from patchlab.reporting.summary import TABLE_METRICS
 
 EXPECTED_SIZES = {  # (width, height) in pixels: figure inches x dpi
     "figures/score_distributions.png": (720, 342),
     "figures/roc_curves.png": (540, 495),
-    "figures/pixel_pr_curve.png": (540, 495),
+    "figures/operating_characteristic.png": (585, 540),
+    "figures/pr_curve.png": (540, 495),
     "figures/failure_cases.png": (1188, 450),
 }
 
@@ -98,8 +99,14 @@ def test_report_table_equals_the_metrics_in_mlflow(tracked_run_dir: Path) -> Non
         )
     assert f"runs/{run.info.run_id}" in markdown.read_text()
     text = page.read_text()
-    assert text.count("data:image/png;base64,") == 2 + 4 and "<table" in text
+    # the summary's two, the run's figures, then its worst cases as heatmaps with masks
+    assert text.count("data:image/png;base64,") == 2 + len(RUN_FIGURES) + WORST_CASES
     assert f"{table.loc['bottle', 'image_auroc']:.4f}" in markdown.read_text()
+    threshold = run.data.metrics["image_threshold"]
+    assert f"operating point f1, image threshold {threshold:.6g}" in markdown.read_text()
+    for shown in ("recall of scratch", "recall of stain", "false-reject rate", "95% CI"):
+        assert shown in text and shown in markdown.read_text()
+    assert "_heatmaps_000_" in markdown.read_text()
 
 
 def test_a_run_with_figures_off_draws_nothing(synthetic_root: Path, tmp_path: Path) -> None:

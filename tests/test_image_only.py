@@ -28,7 +28,13 @@ TUNED_PIXEL_KEYS = {
     "val_pixel_f1_tuned",
     "val_pixel_f1_threshold_only",
 }
-FIGURES = {"score_distributions.png", "roc_curves.png", "pixel_pr_curve.png", "failure_cases.png"}
+FIGURES = {
+    "score_distributions.png",
+    "operating_characteristic.png",
+    "roc_curves.png",
+    "pr_curve.png",
+    "failure_cases.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +87,10 @@ def test_image_only_tunes_the_image_threshold(image_only_root: Path, tmp_path: P
     assert 0 <= metrics["image_f1"] <= 1 and metrics["held_out_images"] == 3
     assert not TUNED_PIXEL_KEYS & mlflow_metrics(store)
     tuning = json.loads((out / "tuning.json").read_text())
-    assert set(tuning) == {"image_threshold", "metrics"}
+    assert set(tuning) == {"image_threshold", "operating_point", "objective", "metrics"}
     assert json.loads(read_banks(out / BANK_FILE)[2]["extra"]) == {
         "image_threshold": tuning["image_threshold"],
+        "operating_point": "f1",
         "thresholds_from": "validation (threshold=optuna)",
     }
     assert not (out / "tuning").exists()
@@ -146,7 +153,7 @@ def test_folder_layout_from_real_bottle(real_data_root: Path, tmp_path: Path) ->
     metrics, _, datamodule = run(config, tmp_path / "out")
     assert len(datamodule.train_samples) == 20 and len(datamodule.test_samples) == 10
     assert metrics["image_auroc"] >= 0.95 and metrics["pixel_auroc"] >= 0.9, metrics
-    assert (tmp_path / "out" / "figures" / "pixel_pr_curve.png").is_file()
+    assert (tmp_path / "out" / "figures" / "pr_curve.png").is_file()
 
 
 def test_image_only_with_synthetic_validation_still_tunes_masks(

@@ -21,7 +21,7 @@ from patchlab.errors import SettingError, UserError
 from patchlab.jobs.pipeline import run
 from patchlab.jobs.tracking import run_name, tracked_run
 from patchlab.tuning.operating_point import OperatingPoint
-from patchlab.tuning.rates import Rate, decision_rates
+from patchlab.tuning.rates import Rate, decision_rates, images_to_confirm
 
 TUNED = ["threshold=optuna", "threshold.n_trials=8"]
 
@@ -114,6 +114,26 @@ def test_the_printed_line_states_the_interval_and_count() -> None:
     assert line == "held-out recall 1.000 (95% CI 0.91-1.00, 40 defective images)"
 
 
+@pytest.mark.parametrize("bound", [0.05, 0.02, 0.005])
+def test_the_images_needed_to_confirm_a_target_are_the_fewest_that_do(bound: float) -> None:
+    needed = images_to_confirm(bound)
+    assert Rate(0, needed, "good images").interval()[1] <= bound
+    assert Rate(0, needed - 1, "good images").interval()[1] > bound
+
+
+def test_a_target_too_fine_for_the_held_out_images_is_said() -> None:
+    few = {"false_reject_rate": Rate(0, 10, "good images")}
+    line = OperatingPoint("false_reject", 0.05).unconfirmed(few)
+    assert line == (
+        "held-out images cannot confirm the target false_reject<=0.05: the 95% CI reaches "
+        "0.31 with 10 good images; 72 good images with no false reject would"
+    )
+    enough = {"false_reject_rate": Rate(0, 80, "good images")}
+    assert OperatingPoint("false_reject", 0.05).unconfirmed(enough) is None
+    escapes = {"recall": Rate(40, 40, "defective images")}
+    assert "no count of defective images can" in OperatingPoint("recall", 1.0).unconfirmed(escapes)
+
+
 def test_runs_differing_in_tuning_have_different_names() -> None:
     point = "threshold.operating_point"
     names = {
@@ -203,3 +223,29 @@ def test_two_identical_tuned_runs_into_one_folder_agree(
     study = json.loads(written[1][0])["study"]
     assert len(optuna.load_study(study_name=study, storage=storage).trials) == 8
     assert not (Path(cfg.tracking.root) / "optuna.db").exists()
+
+
+def test_paths_stay_as_the_user_gave_them(synthetic_root: Path, tmp_path: Path) -> None:
+    """A data root reached through a symlink: scores.csv names the link, not its target; and
+    predict's CSV names each input as given, two same-named files apart."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bottle").symlink_to(synthetic_root / "bottle")
+    cfg = compose_config(
+        [f"data.root={tmp_path / 'data'}", "tracking=none", "figures.enabled=false"]
+    )
+    run(cfg, tmp_path / "out")
+    with (tmp_path / "out" / "scores.csv").open() as file:
+        listed = [row["path"] for row in csv.DictReader(file)]
+    assert all(path.startswith(str(tmp_path / "data" / "bottle" / "test")) for path in listed)
+    given = ["data/bottle/test/scratch/000.png", "data/bottle/test/stain/000.png"]
+    command = [sys.executable, "-m", "patchlab.predict", str(tmp_path / "out" / BANK_FILE)]
+    subprocess.run(
+        [*command, *given, "--out", "pred"], check=True, capture_output=True, cwd=tmp_path
+    )
+    with (tmp_path / "pred" / "predictions.csv").open() as file:
+        assert [row["path"] for row in csv.DictReader(file)] == given
+    maps = sorted(
+        p.relative_to(tmp_path / "pred" / "maps")
+        for p in (tmp_path / "pred" / "maps").rglob("*.png")
+    )
+    assert [str(p) for p in maps] == ["scratch/000.png", "stain/000.png"]

@@ -110,13 +110,17 @@ def test_retune_cli_tunes_a_threshold_none_run(synthetic_root, tmp_path) -> None
     uri = f"sqlite:///{store / 'mlflow.db'}"
     run_id = only_run(uri).info.run_id
     command = [sys.executable, "-m", "patchlab.tune", run_id, "--n-trials", "3"]
-    printed = subprocess.run(
+    command += ["--objective", "false_reject", "--target", "0.34"]  # another operating point
+    done = subprocess.run(
         [*command, "--tracking-uri", uri], capture_output=True, text=True, check=True, cwd=tmp_path
-    ).stdout
-    assert {"post_processing", "image_threshold", "pixel_f1"} <= set(json.loads(printed))
+    )
+    assert {"post_processing", "image_threshold", "pixel_f1"} <= set(json.loads(done.stdout))
+    assert "validation false-reject rate 0.000 (95% CI" in done.stderr
+    assert "; target <= 0.34" in done.stderr
     retuned = only_run(uri).data
     assert "pixel_f1" in retuned.metrics and "val_pixel_f1_tuned" in retuned.metrics
-    assert any(name.startswith("retuned_") for name in retuned.params)
+    points = [v for k, v in retuned.params.items() if k.endswith(".operating_point")]
+    assert points == ["false_reject<=0.34"]
     assert (store / "optuna.db").is_file()
 
 

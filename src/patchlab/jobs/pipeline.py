@@ -151,10 +151,14 @@ def run(
     write_scores_csv(out, samples, output_dir / SCORES_FILE)
     if cfg.figures.enabled:  # matplotlib and seaborn are imported only to draw
         from patchlab.reporting.render import RunView, render_run
+        from patchlab.reporting.run_figures import Decision
         from patchlab.reporting.study_figures import write_study_figures
 
-        post = found.post if found is not None else None
-        view = RunView.of(cfg, out, samples, decisions["image_threshold"], post, evaluation)
+        post, decision = None, Decision(decisions["image_threshold"])
+        if found is not None:
+            post, judged = found.post, parts.get("held_out")
+            decision = Decision(found.image_threshold, found.point, judged)
+        view = RunView.of(cfg, out, samples, decision, post, evaluation)
         drawn = render_run(output_dir, view, cfg.figures)
         if found is not None and found.study is not None:
             drawn += write_study_figures(found.study, output_dir)

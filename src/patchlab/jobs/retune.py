@@ -1,6 +1,7 @@
 """Re-tune an existing MLflow run from its cached maps, without re-extracting any features.
 
     patchlab tune RUN_ID [--n-trials 200] [--tracking-uri sqlite:///mlruns/mlflow.db]
+    patchlab tune RUN_ID --objective false_reject --target 0.02    # another operating point
 
 Reads the run's `test_outputs.safetensors`, `scores.csv` and `config.yaml`, runs the study
 again, and logs the tuned parameters, metrics and plots back to the same run, under
@@ -10,6 +11,7 @@ again, and logs the tuned parameters, metrics and plots back to the same run, un
 
 import csv
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from patchlab.core.metrics import evaluate_outputs
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.jobs.tracking import existing_run
 from patchlab.reporting.study_figures import write_study_figures
+from patchlab.tuning.operating_point import OBJECTIVES, OperatingPoint
 from patchlab.tuning.study import ThresholdTuning, Tuning
 
 PART_METRICS = ("val_", "held_out_")
@@ -70,6 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_id")
     parser.add_argument("--n-trials", type=int, default=None, help="default: the run's config")
     parser.add_argument("--tracking-uri", default=None, help="default: as train.py resolves it")
+    parser.add_argument("--objective", choices=OBJECTIVES, default=None, help="default: the run's")
+    parser.add_argument("--target", type=float, default=None, help="for false_reject and recall")
+    parser.add_argument("--per-type", action="store_true", help="recall: for every defect type")
     args = parser.parse_args(argv)
     uri = given_tracking_uri(args.tracking_uri)
     client = MlflowClient(uri)
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> None:
         tuning = tuning_of(cfg)
         if args.n_trials is not None:
             tuning.n_trials = args.n_trials
+        if args.objective is not None:
+            tuning.operating_point = OperatingPoint(args.objective, args.target, args.per_type)
         found = retune(local, tuning, cfg, args.run_id)
         for name in (OUTPUTS_FILE, SCORES_FILE, CONFIG_FILE):
             (local / name).unlink()
@@ -93,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
             run_log.params({f"{prefix}.{k}": v for k, v in found.params().items()})
             run_log.metrics(found.metrics)
             run_log.artifacts(local, "retune")
+    print("\n".join(found.lines()), file=sys.stderr)
     print(json.dumps(found.metrics | found.travelling(), indent=2))
 
 

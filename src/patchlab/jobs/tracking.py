@@ -50,6 +50,10 @@ RUNS_VIEW_STATE = {
         *(f"metrics.`{m}`" for m in ("aupro", "fit_seconds")),
         *(f"params.`{p}`" for p in ("backbone.name", "model.coreset_ratio")),
         *(f"params.`data.geometry.{p}`" for p in ("crop_size", "size")),
+        # The decision a tuned run signs off: its operating point and what it gave held out.
+        "params.`tuned.operating_point`",
+        *(f"metrics.`{m}`" for m in ("image_threshold", "held_out_image_recall")),
+        "metrics.`held_out_image_false_reject_rate`",
     ],
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,

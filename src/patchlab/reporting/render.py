@@ -8,7 +8,7 @@ reads the same from a run folder's files:
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -29,9 +29,12 @@ from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.image_figures import write_heatmaps
-from patchlab.reporting.run_figures import write_run_figures
+from patchlab.reporting.run_figures import Decision, write_run_figures
+from patchlab.tuning.operating_point import OperatingPoint
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
+from patchlab.tuning.split import stratified_split
 
+OPERATING_POINT = {f.name for f in fields(OperatingPoint)}
 HEATMAPS_DIR = "heatmaps"  # per-image figures
 FIGURES_DIR = "figures"  # the run's RUN_FIGURES
 
@@ -47,7 +50,7 @@ class RunView:
     outputs: TestOutputs
     samples: list[Sample]
     display: Callable[[torch.Tensor], torch.Tensor]
-    image_threshold: float
+    decision: Decision
     post: PostProcessing | None
     image: RankedCounts
     pixel: RankedCounts | None
@@ -58,13 +61,13 @@ class RunView:
         cfg: DictConfig,
         outputs: TestOutputs,
         samples: list[Sample],
-        image_threshold: float,
+        decision: Decision,
         post: PostProcessing | None,
         evaluation: Evaluation,
     ) -> "RunView":
         display = geometry_from(OmegaConf.to_container(cfg.data.geometry, resolve=True)).image
         pixel = evaluation.pixel.get(ALL)
-        return cls(outputs, samples, display, image_threshold, post, evaluation.image[ALL], pixel)
+        return cls(outputs, samples, display, decision, post, evaluation.image[ALL], pixel)
 
 
 def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
@@ -80,7 +83,7 @@ def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
         run_dir / HEATMAPS_DIR,
         figures.count,
         figures.selection,
-        view.image_threshold,
+        view.decision.threshold,
         predicted,
     )
     return paths + write_run_figures(
@@ -88,7 +91,7 @@ def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
         view.samples,
         view.display,
         run_dir / FIGURES_DIR,
-        view.image_threshold,
+        view.decision,
         figures.grid_count,
         view.image,
         view.pixel,
@@ -103,14 +106,27 @@ def load_run(run_dir: Path) -> tuple[RunView, DictConfig]:
     cfg = OmegaConf.load(run_dir / CONFIG_FILE)
     outputs = load_outputs(run_dir / OUTPUTS_FILE)
     evaluation = evaluate_outputs(outputs)
-    threshold, post = evaluation.metrics["image_f1_max_threshold"], None
+    samples = read_samples(run_dir / SCORES_FILE)
+    decision, post = Decision(evaluation.metrics["image_f1_max_threshold"]), None
     if (run_dir / TUNING_FILE).is_file():
         tuning = json.loads((run_dir / TUNING_FILE).read_text())
-        threshold = tuning["image_threshold"]
+        decision = tuned_decision(tuning, cfg, [sample.defect_type for sample in samples])
         if "post_processing" in tuning:  # absent when tuned without masks (image-only data)
             post = PostProcessing(**tuning["post_processing"])
-    samples = read_samples(run_dir / SCORES_FILE)
-    return RunView.of(cfg, outputs, samples, threshold, post, evaluation), cfg.figures
+    return RunView.of(cfg, outputs, samples, decision, post, evaluation), cfg.figures
+
+
+def tuned_decision(tuning: dict, cfg: DictConfig, types: list[str]) -> Decision:
+    """A tuned run's decision, from its tuning.json; the held-out part is split again from the
+    run's own settings (the split is seeded), unless it tuned on synthetic images."""
+    settings = {k: v for k, v in tuning.get("objective", {}).items() if k in OPERATING_POINT}
+    point = OperatingPoint(**settings)
+    threshold = cfg.get("threshold") or {}
+    judged = None
+    if threshold.get("validation", "test_split") == "test_split":
+        fraction, seed = threshold.get("val_fraction", 0.5), threshold.get("seed", cfg.seed)
+        judged = stratified_split(types, fraction, seed)[1]
+    return Decision(tuning["image_threshold"], point, judged)
 
 
 @exit_on_user_error

@@ -13,6 +13,7 @@ the figures are the runs' own artifacts. The HTML embeds its images, so it is on
 import base64
 import html
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -23,19 +24,21 @@ from omegaconf import OmegaConf
 
 from patchlab.artifacts.store import given_tracking_uri, run_url, ui_url
 from patchlab.errors import UserError, command_parser, exit_on_user_error
-from patchlab.reporting.render import FIGURES_DIR
+from patchlab.reporting.render import FIGURES_DIR, HEATMAPS_DIR
 from patchlab.reporting.run_figures import RUN_FIGURES
 from patchlab.reporting.summary import (
     TABLE_METRICS,
     bar_chart,
     compare,
     config_columns,
+    decision_table,
     display_frame,
     failures,
     heatmap,
     result_columns,
     setting_columns,
     to_markdown,
+    to_markdown_rows,
 )
 
 CONFIG_PARAMS = (
@@ -47,6 +50,7 @@ CONFIG_PARAMS = (
     "data.geometry._target_",
 )
 SETTING_PREFIXES = ("data.geometry.", "model.tile_size")
+WORST_CASES = 4  # heatmaps per run in the report
 STYLE = (
     "body{font-family:sans-serif;max-width:1200px;margin:auto;padding:0 12px}"
     ".scroll{overflow-x:auto}table{border-collapse:collapse;font-size:12px;margin:8px 0}"
@@ -119,17 +123,43 @@ def metrics_table(runs: list[Run]) -> pd.DataFrame:
 
 
 def _figures(client: MlflowClient, run: Run, assets: Path, downloads: str) -> list[Path]:
-    """The run's figures/ PNGs, known ones first, copied into `assets`."""
+    """The run's figures/ PNGs, known ones first, then its worst cases: the first
+    WORST_CASES heatmaps (input, anomaly map and masks), ranked by the run's figure selection
+    (by default the least anomalous defects and most anomalous goods), copied into `assets`."""
     listed = client.list_artifacts(run.info.run_id, FIGURES_DIR)
     names = {Path(item.path).name for item in listed}
     ordered = [n for n in RUN_FIGURES if n in names] + sorted(names - set(RUN_FIGURES))
+    paths = [f"{FIGURES_DIR}/{n}" for n in ordered if n.endswith(".png")]
+    heatmaps = sorted(item.path for item in client.list_artifacts(run.info.run_id, HEATMAPS_DIR))
+    paths += [p for p in heatmaps if p.endswith(".png")][:WORST_CASES]
     images = []
-    for name in (n for n in ordered if n.endswith(".png")):
-        local = Path(client.download_artifacts(run.info.run_id, f"{FIGURES_DIR}/{name}", downloads))
-        target = assets / f"{run.info.run_id[:8]}_{name}"
+    for path in paths:
+        local = Path(client.download_artifacts(run.info.run_id, path, downloads))
+        target = assets / f"{run.info.run_id[:8]}_{path.replace('/', '_')}"
         local.replace(target)
         images.append(target)
     return images
+
+
+@dataclass(frozen=True)
+class Section:
+    """One run's part of the report: its link, its decisions and its figures."""
+
+    name: str
+    link: str
+    decision: str  # "operating point ..., image threshold ..." or why there is none
+    rates: pd.DataFrame | None
+    images: list[Path]
+
+
+def _section(name: str, link: str, run: Run, images: list[Path]) -> Section:
+    metrics, point = run.data.metrics, run.data.params.get("tuned.operating_point")
+    if point is None:
+        decision = "untuned: decisions at the test set's F1-max threshold, no held-out rates"
+    else:
+        threshold = metrics.get("image_threshold", float("nan"))
+        decision = f"operating point {point}, image threshold {threshold:.6g}"
+    return Section(name, link, decision, decision_table(metrics), images)
 
 
 def build_report(
@@ -158,14 +188,17 @@ def build_report(
     with tempfile.TemporaryDirectory() as downloads:
         for name, run in zip(table.index.drop("mean"), runs, strict=True):
             link = run_url(base, run.info.experiment_id, run.info.run_id)
-            sections.append((str(name), link, _figures(client, run, assets, downloads)))
+            images = _figures(client, run, assets, downloads)
+            sections.append(_section(str(name), link, run, images))
     header = f"Selection: {selection} ({len(runs)} runs, {client.tracking_uri})."
     (out / "report.md").write_text(_markdown(experiment, header, table, sections, out))
     (out / "report.html").write_text(_html(experiment, header, table, sections, assets))
     return table, out / "report.md", out / "report.html"
 
 
-def _markdown(experiment: str, header: str, table: pd.DataFrame, sections: list, out: Path) -> str:
+def _markdown(
+    experiment: str, header: str, table: pd.DataFrame, sections: list[Section], out: Path
+) -> str:
     lines = [
         f"# PatchCore report: {experiment}\n",
         header + "\n",
@@ -173,9 +206,11 @@ def _markdown(experiment: str, header: str, table: pd.DataFrame, sections: list,
         "![per-category bars](assets/summary_bars.png)\n",
         "![metric heatmap](assets/summary_heatmap.png)\n",
     ]
-    for name, link, images in sections:
-        lines.append(f"## {name}\n\n[MLflow run]({link})\n")
-        lines += [f"![{p.stem}]({p.relative_to(out)})" for p in images]
+    for section in sections:
+        lines.append(f"## {section.name}\n\n[MLflow run]({section.link}): {section.decision}\n")
+        if section.rates is not None:
+            lines += [to_markdown_rows(section.rates), ""]
+        lines += [f"![{p.stem}]({p.relative_to(out)})" for p in section.images]
         lines.append("")
     return "\n".join(lines)
 
@@ -202,7 +237,9 @@ def _html_table(table: pd.DataFrame, columns: list[str]) -> str:
     return f"<div class='scroll'>{shown.to_html(index=False)}</div>"
 
 
-def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, assets: Path) -> str:
+def _html(
+    experiment: str, header: str, table: pd.DataFrame, sections: list[Section], assets: Path
+) -> str:
     title = html.escape(f"PatchCore report: {experiment}")
     parts = [
         f"<html><head><meta charset='utf-8'><title>{title}</title><style>{STYLE}</style>"
@@ -222,9 +259,14 @@ def _html(experiment: str, header: str, table: pd.DataFrame, sections: list, ass
         _embedded(assets / "summary_bars.png", "bars"),
         _embedded(assets / "summary_heatmap.png", "heatmap"),
     ]
-    for name, link, images in sections:
-        parts.append(f"<h2>{html.escape(name)}</h2><p><a href='{link}'>MLflow run</a></p>")
-        parts += [_embedded(p, p.stem) for p in images]
+    for section in sections:
+        parts.append(
+            f"<h2>{html.escape(section.name)}</h2><p><a href='{section.link}'>MLflow run</a>: "
+            f"{html.escape(section.decision)}</p>"
+        )
+        if section.rates is not None:
+            parts.append(f"<div class='scroll'>{section.rates.to_html()}</div>")
+        parts += [_embedded(p, p.stem) for p in section.images]
     return "\n".join([*parts, "</body></html>"])
 
 

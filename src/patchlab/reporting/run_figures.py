@@ -1,5 +1,6 @@
 """Per-run figures (seaborn), drawn from saved scores and maps: never re-runs the model."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -9,22 +10,41 @@ import torch
 from matplotlib.figure import Figure
 
 from patchlab.core.outputs import TestOutputs
-from patchlab.core.ranking import RankedCounts
+from patchlab.core.ranking import RankedCounts, rank
 from patchlab.data.mvtec import Sample, read_image
 from patchlab.reporting.image_figures import showcase_order
+from patchlab.tuning.operating_point import OperatingPoint
+from patchlab.tuning.rates import decision_rates
 
 # The figures every run gets, in the order reports show them.
 RUN_FIGURES = (
     "score_distributions.png",
+    "operating_characteristic.png",
     "roc_curves.png",
-    "pixel_pr_curve.png",
+    "pr_curve.png",
     "failure_cases.png",
 )
 CURVE_POINTS = 500  # points drawn per curve: pixel curves have millions of thresholds
 
 
-def score_distributions(outputs: TestOutputs, samples: list[Sample], threshold: float) -> Figure:
-    """Image scores of good vs each defect type, with the decision threshold."""
+@dataclass(frozen=True)
+class Decision:
+    """The image decision the figures mark: its threshold, the operating point it was chosen
+    by (None: the test set's F1-max, untuned), and the images that judge it (the held-out
+    part of a tuned run; None: all)."""
+
+    threshold: float
+    point: OperatingPoint | None = None
+    judged: torch.Tensor | None = None
+
+    @property
+    def label(self) -> str:
+        return self.point.label() if self.point else "test-set F1-max (untuned)"
+
+
+def score_distributions(outputs: TestOutputs, samples: list[Sample], decision: Decision) -> Figure:
+    """Image scores of good vs each defect type, with the operating point's threshold."""
+    threshold = decision.threshold
     frame = pd.DataFrame(
         {"image score": outputs.image_scores.numpy(), "type": [s.defect_type for s in samples]}
     )
@@ -46,10 +66,58 @@ def score_distributions(outputs: TestOutputs, samples: list[Sample], threshold: 
         legend=False,
     )
     axis.axvline(
-        threshold, color="crimson", linestyle="--", label=f"decision threshold {threshold:.3g}"
+        threshold,
+        color="crimson",
+        linestyle="--",
+        label=f"threshold {threshold:.4g}: operating point {decision.label}",
     )
-    axis.legend(loc="lower right")
+    figure.legend(loc="outside lower center")  # below the axes, never over a point
     axis.set_title("Image scores by defect type")
+    return figure
+
+
+def operating_characteristic(
+    outputs: TestOutputs, samples: list[Sample], decision: Decision
+) -> Figure:
+    """Recall against false-reject rate over every image threshold (the curve a line engineer
+    reads), the chosen point with its 95% intervals on both axes, and the objective's target."""
+    index = decision.judged if decision.judged is not None else torch.arange(len(samples))
+    scores, labels = outputs.image_scores[index], outputs.labels[index]
+    types = [samples[i].defect_type for i in index.tolist()]
+    part = "held-out" if decision.judged is not None else "test"
+    figure = Figure(figsize=(6.5, 6), layout="constrained")
+    axis = figure.subplots()
+    if labels.min() == labels.max():
+        return _note(figure, axis, "Operating characteristic", "needs good and defective images")
+    false_reject, recall = _curve(rank(scores, labels), "roc")
+    axis.plot(false_reject, recall, color="tab:blue", label=f"{part} images, every threshold")
+    rates = decision_rates(scores, labels, types, decision.threshold)
+    chosen = [rates[name] for name in ("false_reject_rate", "recall")]
+    (x_low, x_high), (y_low, y_high) = (rate.interval() for rate in chosen)
+    x, y = (rate.value for rate in chosen)
+    axis.errorbar(
+        [x],
+        [y],
+        xerr=[[x - x_low], [x_high - x]],
+        yerr=[[y - y_low], [y_high - y]],
+        fmt="o",
+        color="crimson",
+        capsize=4,
+        label=f"{decision.label}: recall {y:.3f}, false rejects {x:.3f} (95% CI bars)",
+    )
+    point = decision.point
+    if point is not None and point.objective == "false_reject":
+        axis.axvline(point.target, color="0.4", linestyle=":", label=f"target <= {point.target:g}")
+    if point is not None and point.objective == "recall":
+        axis.axhline(point.target, color="0.4", linestyle=":", label=f"target >= {point.target:g}")
+    axis.set(
+        xlabel="false-reject rate (good images rejected)",
+        ylabel="recall (defective images caught)",
+        title=f"Operating characteristic, {len(labels)} {part} images",
+        xlim=(-0.02, 1.02),
+        ylim=(-0.02, 1.04),
+    )
+    figure.legend(loc="outside lower center")
     return figure
 
 
@@ -87,40 +155,34 @@ def roc_curves(image: RankedCounts, pixel: RankedCounts | None) -> Figure:
     return figure
 
 
-def pixel_pr_curve(pixel: RankedCounts | None) -> Figure:
-    """Pixel precision-recall curve with its F1-max point; a note saying why without masks.
-
-    The note keeps every run's figure set the same, so reports need no special case.
-    """
-    if pixel is None:
-        return _no_masks_note("Pixel precision-recall")
-    recall, precision = _curve(pixel, "pr")
-    best_f1, _ = pixel.f1_max()
-    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
-    best = int(np.argmax(f1))
+def pr_curve(image: RankedCounts, pixel: RankedCounts | None) -> Figure:
+    """The pixel precision-recall curve with its F1-max point; in image-only mode (no masks)
+    the image-level one, so the figure always shows a curve."""
+    counts, level = (pixel, "Pixel") if pixel is not None else (image, "Image")
     figure = Figure(figsize=(6, 5.5), layout="constrained")
     axis = figure.subplots()
-    sns.lineplot(x=recall, y=precision, ax=axis, estimator=None, sort=False, label="pixels")
+    if counts.positives == 0 or counts.negatives == 0:
+        return _note(figure, axis, f"{level} precision-recall", "needs both classes")
+    recall, precision = _curve(counts, "pr")
+    best_f1, _ = counts.f1_max()
+    f1 = 2 * precision * recall / np.maximum(precision + recall, 1e-12)
+    best = int(np.argmax(f1))
+    sns.lineplot(
+        x=recall, y=precision, ax=axis, estimator=None, sort=False, label=f"{level.lower()}s"
+    )
     axis.scatter(
         [recall[best]], [precision[best]], color="crimson", zorder=3, label=f"F1-max {best_f1:.4f}"
     )
-    axis.set(
-        xlabel="recall",
-        ylabel="precision",
-        title="Pixel precision-recall",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
+    title = f"{level} precision-recall" + ("" if pixel is not None else " (no masks)")
+    axis.set(xlabel="recall", ylabel="precision", title=title, xlim=(0, 1), ylim=(0, 1.02))
     axis.legend(loc="lower left")
     return figure
 
 
-def _no_masks_note(title: str) -> Figure:
-    figure = Figure(figsize=(6, 5.5), layout="constrained")
-    axis = figure.subplots()
+def _note(figure: Figure, axis, title: str, text: str) -> Figure:
     axis.set_axis_off()
     axis.set_title(title)
-    axis.text(0.5, 0.5, "no ground-truth masks:\nimage-only mode", ha="center", va="center")
+    axis.text(0.5, 0.5, text, ha="center", va="center")
     return figure
 
 
@@ -161,7 +223,7 @@ def write_run_figures(
     samples: list[Sample],
     display,
     folder: Path,
-    threshold: float,
+    decision: Decision,
     grid_count: int,
     image: RankedCounts,
     pixel: RankedCounts | None,
@@ -173,9 +235,12 @@ def write_run_figures(
     """
     folder.mkdir(parents=True, exist_ok=True)
     drawers = {
-        "score_distributions.png": lambda: score_distributions(outputs, samples, threshold),
+        "score_distributions.png": lambda: score_distributions(outputs, samples, decision),
+        "operating_characteristic.png": lambda: operating_characteristic(
+            outputs, samples, decision
+        ),
         "roc_curves.png": lambda: roc_curves(image, pixel),
-        "pixel_pr_curve.png": lambda: pixel_pr_curve(pixel),
+        "pr_curve.png": lambda: pr_curve(image, pixel),
         "failure_cases.png": lambda: failure_grid(outputs, samples, display, grid_count),
     }
     paths = []

@@ -6,6 +6,7 @@ metric a run did not produce (pixel metrics without masks) reads "-".
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -13,7 +14,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 
-from patchlab.artifacts.run_files import CONFIG_FILE, METRICS_FILE
+from patchlab.artifacts.run_files import CONFIG_FILE, METRICS_FILE, TUNING_FILE
 from patchlab.data.geometry import geometry_from
 
 # The seed notebook's per-category numbers (EfficientNet-B5, anomalib 0.7), to compare against.
@@ -85,6 +86,17 @@ def _job_row(job: Path) -> dict:
             row["resumed_from"] = json.loads((job / RESUMED_FILE).read_text())["run_id"]
         return row
     return row | {"status": "FAILED", "error": "no result: the job ended without metrics.json"}
+
+
+def _tuned_jobs(sweep_dir: Path) -> dict[str, tuple[str, dict[str, float]]]:
+    """Job folder -> (operating point, metrics) of each finished tuned job."""
+    jobs = {}
+    for tuning in sorted(sweep_dir.glob(f"*/{TUNING_FILE}")):
+        metrics = tuning.parent / METRICS_FILE
+        if metrics.is_file():
+            point = json.loads(tuning.read_text()).get("operating_point", "f1")
+            jobs[tuning.parent.name] = (point, json.loads(metrics.read_text()))
+    return jobs
 
 
 def collect(sweep_dir: Path) -> pd.DataFrame:
@@ -213,6 +225,11 @@ def _markdown_table(shown: pd.DataFrame) -> list[str]:
     return lines + [f"| {name} | " + " | ".join(row) + " |" for name, row in shown.iterrows()]
 
 
+def to_markdown_rows(shown: pd.DataFrame) -> str:
+    """A table of strings as markdown, its index as the first column."""
+    return "\n".join(_markdown_table(shown))
+
+
 def to_markdown(table: pd.DataFrame) -> str:
     """Results against the seed, then each row's settings; failures with their errors below."""
     lines = _markdown_table(display_frame(table, result_columns(table)))
@@ -225,6 +242,66 @@ def to_markdown(table: pd.DataFrame) -> str:
         for name, run in resumed(table)
     ]
     return "\n".join(lines) + "\n"
+
+
+RATE_NAMES = {
+    "recall": "recall",
+    "false_reject_rate": "false-reject rate",
+    "precision": "precision",
+}
+
+
+def decision_table(metrics: Mapping[str, float]) -> pd.DataFrame | None:
+    """A tuned run's rates at its operating point, each with its 95% interval and image count:
+    overall, then the recall of each defect type with the share of its defect pixels the
+    masks found. Validation rates beside held-out ones; None for an untuned run."""
+    if "held_out_image_recall" not in metrics:
+        return None
+    per_type = sorted(
+        k.removeprefix("held_out_image_")
+        for k in metrics
+        if k.startswith("held_out_image_recall/") and not k.endswith(("_low", "_high", "_count"))
+    )
+    rows = []
+    for name in [*RATE_NAMES, *per_type]:
+        held = f"held_out_image_{name}"
+        low, high = (
+            metrics.get(f"{held}_ci_low", math.nan),
+            metrics.get(f"{held}_ci_high", math.nan),
+        )
+        defect_type = name.removeprefix("recall/") if "/" in name else None
+        rows.append(
+            {
+                "rate": RATE_NAMES.get(name) or f"recall of {defect_type}",
+                "validation": cell(metrics.get(f"val_image_{name}", math.nan)),
+                "held-out": cell(metrics[held]),
+                "95% CI": MISSING if math.isnan(low) else f"{low:.2f}-{high:.2f}",
+                "images": f"{metrics.get(f'{held}_count', math.nan):.0f}",
+                "defect pixels found": cell(
+                    metrics.get(f"held_out_defect_pixels_found/{defect_type}", math.nan)
+                )
+                if defect_type
+                else MISSING,
+            }
+        )
+    return pd.DataFrame(rows).set_index("rate")
+
+
+def decisions_markdown(jobs: Mapping[str, tuple[str, Mapping[str, float]]]) -> str:
+    """Each tuned job's operating point, threshold and decision table, as summary.md shows."""
+    lines = []
+    for name, (point, metrics) in jobs.items():
+        table = decision_table(metrics)
+        if table is None:
+            continue
+        threshold = metrics.get("image_threshold", math.nan)
+        lines += [f"### {name}: operating point {point}, image threshold {threshold:.6g}", ""]
+        lines += [to_markdown_rows(table), ""]
+    return (
+        "\n".join(["## Decisions (held-out part, 95% Clopper-Pearson intervals)", "", *lines])
+        if lines
+        else ""
+    )
 
 
 def _message(text: str) -> Figure:
@@ -261,21 +338,28 @@ def bar_chart(table: pd.DataFrame) -> Figure:
         axis.set_ylim(max(0.0, float(low) - 0.05), 1.0)
         axis.set_ylabel(metric)
         axis.tick_params(axis="x", labelrotation=30)
-        axis.legend(loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside upper right")  # beside the bars, never on one
     figure.suptitle("Per-category results (black marks: the seed, where it has the category)")
     return figure
 
 
 def heatmap(table: pd.DataFrame) -> Figure:
-    """Row x metric grid of values; failed rows and absent metrics left blank."""
+    """Row x metric grid of values; failed rows and absent metrics left blank.
+
+    Each column's colours span that column's own lowest to highest value: on one fixed 0-1
+    scale runs at 0.98 and 0.99 share a colour, and the table is there to tell them apart.
+    """
     metrics = [m for m in TABLE_METRICS if table[m].notna().any()]
     if not metrics:
         return _message("no metrics to plot")
     values = table[metrics].astype(float)
+    low, high = values.min(), values.max()
+    fitted = ((values - low) / (high - low).where(high > low)).fillna(0.5).where(values.notna())
     figure = Figure(figsize=(8, 0.45 * len(values) + 2), layout="constrained")
     axis = figure.subplots()
-    sns.heatmap(values, annot=True, fmt=".3f", cmap="viridis", vmin=0.0, vmax=1.0, ax=axis)
-    axis.set_title("Metrics by run")
+    sns.heatmap(fitted, annot=values, fmt=".3f", cmap="viridis", cbar=False, ax=axis)
+    axis.set_title("Metrics by run (colour: each metric's lowest, dark, to highest, bright)")
     return figure
 
 
@@ -294,7 +378,7 @@ def write_summary(sweep_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame | None, l
         paths.append(sweep_dir / "selection.csv")
         picked.to_csv(paths[-1])
         markdown = selection_markdown(picked) + "\n" + markdown
-    paths[1].write_text(markdown)
+    paths[1].write_text(markdown + decisions_markdown(_tuned_jobs(sweep_dir)))
     bar_chart(table).savefig(paths[2], dpi=90)
     heatmap(table).savefig(paths[3], dpi=90)
     return table, picked, paths

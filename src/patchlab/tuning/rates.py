@@ -51,6 +51,17 @@ class Rate:
         return f"{what} {self.value:.3f} (95% CI {low:.2f}-{high:.2f}, {self.count} {self.noun})"
 
 
+def images_to_confirm(bound: float) -> int | None:
+    """How many images, none of them failing, put a rate's 95% Clopper-Pearson bound at
+    `bound` (e.g. 72 good images without a false reject bound the false-reject rate at 0.05);
+    None when no count can (a bound of 0)."""
+    if bound <= 0:
+        return None
+    if bound >= 1:
+        return 1
+    return math.ceil(math.log((1 - CONFIDENCE) / 2) / math.log(1 - bound))
+
+
 def decision_rates(
     scores: torch.Tensor, labels: torch.Tensor, types: list[str], threshold: float
 ) -> dict[str, Rate]:

@@ -94,7 +94,8 @@ class Tuning:
                     continue
                 what = RATE_WORDS.get(name) or name.replace("/", " of ")
                 lines.append(rate.line(f"{words} {what}") + self.point.target_note(name))
-        return lines
+        unconfirmed = self.point.unconfirmed(self.rates.get("held_out", {}))
+        return lines + ([unconfirmed] if unconfirmed else [])
 
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
