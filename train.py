@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from patchlab.errors import exit_now, exit_on_user_error
+from patchlab.jobs import job_folder
 from patchlab.jobs.settings import check_group_choices
 
 
@@ -23,5 +24,6 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     exit_on_user_error(check_group_choices)(sys.argv[1:], Path(__file__).parent / "conf")
+    job_folder.register()
     main()
     exit_now()

@@ -4,7 +4,8 @@
     python docs/screenshots.py --store mlruns --report reports/patchcore/report.html --out docs
 
 Starts `mlflow ui` on 127.0.0.1 over the given store, opens the experiment's runs table with
-every sweep expanded, and shoots it; then shoots the report's first screen and its full page.
+every sweep expanded, and shoots it; then shoots the report's first screen, its full page and
+its first run's section (operating point, decision rates, figures).
 Not part of the test suite: it needs a browser.
 """
 
@@ -54,6 +55,15 @@ def shoot_runs(page: Page, url: str, experiment_id: str, out: Path) -> None:
     page.screenshot(path=str(out / "mlflow_runs.png"))
 
 
+def shoot_run_section(page: Page, out: Path) -> None:
+    """The report's first run: its operating point, decision rates and first figures."""
+    heading = page.locator("h2:has(+ p > a)").first
+    box = heading.bounding_box()
+    width = page.viewport_size["width"]
+    clip = {"x": 0, "y": box["y"] - 8, "width": width, "height": 1500}
+    page.screenshot(path=str(out / "report_run.png"), full_page=True, clip=clip)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--store", type=Path, default=Path("mlruns"))
@@ -77,6 +87,7 @@ def main() -> None:
             page.wait_for_load_state("load")
             page.screenshot(path=str(args.out / "report.png"))
             page.screenshot(path=str(args.out / "report_full.png"), full_page=True)
+            shoot_run_section(page, args.out)
             browser.close()
     finally:
         server.terminate()

@@ -41,6 +41,21 @@ def test_own_names_get_no_seed_columns_and_plot() -> None:
     heatmap(table).savefig(Path("/dev/null"), format="png")
 
 
+def test_the_heatmap_tells_apart_runs_a_hundredth_apart() -> None:
+    rows = results(["a", "b", "c"])
+    rows["image_auroc"] = [0.97, 0.98, 0.99]
+    drawn = heatmap(compare(rows)).axes[0].collections[0].get_facecolors()
+    colours = {tuple(drawn[row * 3].round(3)) for row in range(3)}  # image_auroc, per run
+    assert len(colours) == 3
+    assert not heatmap(compare(rows)).axes[0].get_legend()
+
+
+def test_no_legend_sits_on_a_bar() -> None:
+    """The bar chart's legend belongs to the figure, outside every panel."""
+    figure = bar_chart(compare(results(["bottle", "cable", "gear"])))
+    assert figure.legends and not any(axis.get_legend() for axis in figure.axes)
+
+
 def test_seed_columns_only_where_the_seed_has_the_category() -> None:
     markdown = to_markdown(compare(results(["bottle", "gear"])))
     assert "| bottle | ok | 0.9900 | 1.0000 | -0.0100 |" in markdown

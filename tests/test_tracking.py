@@ -193,6 +193,16 @@ def sweep_runs(store: Path) -> tuple[MlflowClient, list[mlflow.entities.Run]]:
     return client, client.search_runs([experiment.experiment_id])
 
 
+def sweep_report(tmp_path: Path) -> str:
+    """`patchlab report --sweep` on the sweep under tmp_path, as a user runs it; its markdown."""
+    command = [sys.executable, "-m", "patchlab.report", f"--sweep={tmp_path / 'multirun'}"]
+    command += [f"--tracking-uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"]
+    command += [f"--out={tmp_path / 'report'}"]
+    report = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0, report.stderr[-3000:]
+    return (tmp_path / "report" / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None:
     root = tmp_path / "parts"
@@ -213,22 +223,35 @@ def test_failed_own_category_shows_in_sweep_summary_and_report(tmp_path) -> None
     assert "| mean | 2/3 ok |" in summary and "**hinge FAILED**: UserError: No training" in summary
     assert "seed_" not in summary  # the seed has no numbers for these parts
     assert (tmp_path / "multirun" / "summary_bars.png").stat().st_size > 10_000
-    report = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "patchlab.report",
-            f"--sweep={tmp_path / 'multirun'}",
-            f"--tracking-uri=sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}",
-            f"--out={tmp_path / 'report'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    assert report.returncode == 0, report.stderr[-3000:]
-    markdown = (tmp_path / "report" / "report.md").read_text()
+    markdown = sweep_report(tmp_path)
     assert "| mean | 2/3 ok |" in markdown and "| hinge | FAILED |" in markdown
     assert "**hinge FAILED**: UserError: No training images" in markdown
     assert (tmp_path / "report" / "assets" / "summary_bars.png").stat().st_size > 10_000
     assert "resnet18" in markdown and "32/32" in markdown  # the settings that tell runs apart
+
+
+@pytest.mark.slow
+def test_a_sweep_over_operating_points_keeps_each_job_and_reports_its_decisions(
+    synthetic_root, tmp_path
+) -> None:
+    """Three jobs of one category that differ in a setting other than the category: each
+    gets its own folder, the summary lists each job's decisions, and the report each run's."""
+    point = "threshold.operating_point"
+    command = train_command(synthetic_root, tmp_path, "-m", "category=bottle", "threshold=optuna")
+    command += ["threshold.n_trials=3", f"{point}.objective=false_reject"]
+    command += [f"{point}.target=0,0.5,1", "data.geometry.resize=32", "data.geometry.crop_size=32"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = sorted(p.name for p in (tmp_path / "multirun").iterdir() if p.is_dir())
+    assert folders == [f"bottle_{point}.target={t}" for t in ("0", "0.5", "1")]
+    summary = (tmp_path / "multirun" / "summary.md").read_text()
+    for target in ("0", "0.5", "1"):
+        assert (
+            f"### bottle_{point}.target={target}: operating point false_reject<={target},"
+            in summary
+        )
+    assert summary.count("| recall of scratch |") == 3
+    markdown = sweep_report(tmp_path)
+    assert markdown.count("operating point false_reject<=") == 3
+    assert markdown.count("| recall of stain |") == 3
+    assert markdown.count("_heatmaps_000_") == 2 * 3  # each worst case: alt text and file

@@ -43,10 +43,12 @@ def train(argv: list[str]) -> None:
     """Hands the overrides to Hydra with the project's configs, as `python train.py` does."""
     import hydra
 
+    from patchlab.jobs import job_folder
     from patchlab.jobs.settings import check_group_choices
     from patchlab.jobs.train import job
 
     check_group_choices(argv, config_dir())
+    job_folder.register()
     main = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     sys.argv = ["patchlab train", *argv]
     main(exit_on_user_error(job))()

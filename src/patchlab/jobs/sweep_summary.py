@@ -10,6 +10,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from patchlab.jobs import job_folder
+
+# Every launcher unpickles this callback in each job's process before Hydra names the job's
+# folder, so registering here makes `${job_folder:...}` resolvable in joblib and SLURM workers.
+job_folder.register()
+
 
 class SweepSummary(Callback):
     """With the basic launcher, which runs every job in the sweep's own process, a stop signal

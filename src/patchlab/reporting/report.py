@@ -265,7 +265,8 @@ def _html(
             f"{html.escape(section.decision)}</p>"
         )
         if section.rates is not None:
-            parts.append(f"<div class='scroll'>{section.rates.to_html()}</div>")
+            rates = section.rates.reset_index().to_html(index=False)
+            parts.append(f"<div class='scroll'>{rates}</div>")
         parts += [_embedded(p, p.stem) for p in section.images]
     return "\n".join([*parts, "</body></html>"])
 

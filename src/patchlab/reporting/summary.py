@@ -311,35 +311,39 @@ def _message(text: str) -> Figure:
 
 
 def bar_chart(table: pd.DataFrame) -> Figure:
-    """One panel per seed metric the runs have: bars, with the seed's value marked where known."""
+    """One panel per seed metric the runs have: a horizontal bar per run (run names can be
+    long), with the seed's value marked where known."""
     rows = table.drop(index="mean")
     rows = rows[rows["status"] == "ok"]
     metrics = [m for m in SEED_METRICS if rows[m].notna().any()]
     if not metrics:
         return _message("no finished runs to plot")
-    figure = Figure(figsize=(13, 3 * len(metrics)), layout="constrained")
-    axes = figure.subplots(len(metrics), 1, squeeze=False)[:, 0]
+    names = [str(name) for name in rows.index]
+    figure = Figure(figsize=(5 * len(metrics) + 3, 0.35 * len(rows) + 1.8), layout="constrained")
+    axes = figure.subplots(1, len(metrics), squeeze=False, sharey=True)[0]
     for axis, metric in zip(axes, metrics, strict=True):
-        sns.barplot(x=rows.index, y=rows[metric], ax=axis, color="tab:blue", label="this run")
+        sns.barplot(x=rows[metric].to_numpy(), y=names, ax=axis, color="tab:blue", label="this run")
         seeds = rows[f"seed_{metric}"]
-        if seeds.notna().any():
-            known = seeds.dropna()
+        known = [(name, value) for name, value in zip(names, seeds, strict=True) if pd.notna(value)]
+        if known:
             axis.scatter(
-                known.index,
-                known,
+                [value for _, value in known],
+                [name for name, _ in known],
                 color="black",
-                marker="_",
-                s=600,
+                marker="|",
+                s=300,
                 linewidths=2.5,
                 label="seed",
                 zorder=3,
             )
         low = pd.concat([rows[metric], seeds]).min(skipna=True)
-        axis.set_ylim(max(0.0, float(low) - 0.05), 1.0)
-        axis.set_ylabel(metric)
-        axis.tick_params(axis="x", labelrotation=30)
+        axis.set_xlim(max(0.0, float(low) - 0.05), 1.0)
+        axis.set_xlabel(metric)
     handles, labels = axes[0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="outside upper right")  # beside the bars, never on one
+    for axis in axes:  # seaborn gives each panel a legend of its own, over the bars
+        if axis.get_legend():
+            axis.get_legend().remove()
+    figure.legend(handles, labels, loc="outside lower center", ncols=2)  # below, on no bar
     figure.suptitle("Per-category results (black marks: the seed, where it has the category)")
     return figure
 
@@ -354,12 +358,14 @@ def heatmap(table: pd.DataFrame) -> Figure:
     if not metrics:
         return _message("no metrics to plot")
     values = table[metrics].astype(float)
-    low, high = values.min(), values.max()
-    fitted = ((values - low) / (high - low).where(high > low)).fillna(0.5).where(values.notna())
-    figure = Figure(figsize=(8, 0.45 * len(values) + 2), layout="constrained")
+    low, span = values.min(), values.max() - values.min()
+    fitted = ((values - low) / span.where(span > 1e-9)).fillna(0.5).where(values.notna())
+    label = max(len(str(name)) for name in values.index)  # run names can be long
+    width = 2 + 1.1 * len(metrics) + 0.08 * label
+    figure = Figure(figsize=(max(width, 7), 0.45 * len(values) + 2), layout="constrained")
     axis = figure.subplots()
-    sns.heatmap(fitted, annot=values, fmt=".3f", cmap="viridis", cbar=False, ax=axis)
-    axis.set_title("Metrics by run (colour: each metric's lowest, dark, to highest, bright)")
+    sns.heatmap(fitted, annot=values, fmt=".4f", cmap="viridis", cbar=False, ax=axis)
+    axis.set_title("Metrics by run (colour per metric: lowest dark, highest bright)")
     return figure
 
 
