@@ -256,6 +256,7 @@ def test_a_served_batch_answers_each_row(trained: TrainedRun, tmp_path: Path) ->
     good = [0, 2, 5]
     assert answer.image_score[good].tolist() == pytest.approx([trained.scores[p] for p in paths])
     assert answer.error[good].isna().all()
+    assert answer.operating_point[good].tolist() == ["f1"] * 3  # threshold=optuna's default
     errors = answer.error.tolist()
     assert "posted image" in errors[1] and "over the limit of 50000000" in errors[3]
     assert "not base64" in errors[4] and "no image file at path" in errors[6]

@@ -69,6 +69,7 @@ SIGNATURE = ModelSignature(
             ColSpec("double", "image_score"),
             ColSpec("double", "normalised_score"),
             ColSpec("boolean", "anomalous"),
+            ColSpec("string", "operating_point", required=False),  # what the threshold serves
             ColSpec("long", "defect_area_px", required=False),
             ColSpec("string", "map_png", required=False),
             ColSpec("string", "mask_png", required=False),
@@ -161,11 +162,12 @@ class PatchCoreModel(mlflow.pyfunc.PythonModel):
             except UserError as error:
                 rows.append({"error": str(error)})
         good, batch = list(images), self.predictor.batch_size
+        point = self.predictor.decisions.operating_point
         for start in range(0, len(good), batch):
             chunk = good[start : start + batch]
             scored = self._rows([images[i] for i in chunk], return_maps)
             for index, row in zip(chunk, scored, strict=True):
-                rows[index] = row
+                rows[index] = row | ({} if "error" in row else {"operating_point": point})
         # None, not NaN, in a failed row's numbers: JSON has no NaN
         answer = pd.DataFrame(rows, columns=[c.name for c in SIGNATURE.outputs.inputs])
         return answer.astype(object).where(answer.notna(), None)
