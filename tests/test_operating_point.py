@@ -1,6 +1,7 @@
 """Operating points a line can sign off: objectives met on validation, rates with exact
 intervals, per-type recall, predict following the point, and tuned runs that reproduce."""
 
+import argparse
 import csv
 import json
 import logging
@@ -18,10 +19,13 @@ from helpers.configs import compose_config
 from patchlab.artifacts.bank import BANK_FILE, read_banks
 from patchlab.core.metrics import f1_max
 from patchlab.errors import SettingError, UserError
+from patchlab.jobs.build import configured
 from patchlab.jobs.pipeline import run
+from patchlab.jobs.retune import chosen_point
 from patchlab.jobs.tracking import run_name, tracked_run
 from patchlab.tuning.operating_point import OperatingPoint
 from patchlab.tuning.rates import Rate, decision_rates, images_to_confirm
+from patchlab.tuning.study import ThresholdTuning
 
 TUNED = ["threshold=optuna", "threshold.n_trials=8"]
 
@@ -67,6 +71,28 @@ def test_a_costly_escape_lowers_the_threshold() -> None:
     dear = OperatingPoint("cost", escape_cost=20).choose(scores, labels, types)
     rare = OperatingPoint("cost", escape_cost=20, defect_rate=0.001).choose(scores, labels, types)
     assert dear < cheap <= rare and dear < rare  # a rare defect is not worth false rejects
+
+
+def test_rejecting_nothing_decides_float32_scores_as_chosen() -> None:
+    """A good image scores highest: a false-reject cap of 0 must reject nothing, in the
+    float32 the scores have and in the doubles predict compares (a threshold one double-ulp
+    above the top score rounds back onto it in float32)."""
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.6], dtype=torch.float32)
+    labels, types = torch.tensor([0, 0, 1, 1]), ["good", "good", "dent", "dent"]
+    threshold = OperatingPoint("false_reject", 0.0).choose(scores, labels, types)
+    assert decision_rates(scores, labels, types, threshold)["false_reject_rate"].value == 0
+    assert not any(float(score) >= threshold for score in scores)
+    cheap_escapes = OperatingPoint("cost", escape_cost=0.1)
+    flipped = torch.tensor([0.9, 0.9, 0.1, 0.2])  # defects score low: rejecting costs more
+    assert cheap_escapes.choose(flipped, labels, types) > 0.9
+
+
+def test_a_threshold_between_adjacent_floats_keeps_the_decisions() -> None:
+    low = torch.tensor(0.5, dtype=torch.float32)
+    high = torch.nextafter(low, torch.tensor(1.0))  # no float32 lies between them
+    scores, labels = torch.stack([low, high]), torch.tensor([0, 1])
+    threshold = OperatingPoint("recall", 1.0).choose(scores, labels, ["good", "dent"])
+    assert threshold == float(high) and float(low) < threshold
 
 
 def test_the_f1_objective_is_the_f1_max_threshold() -> None:
@@ -123,15 +149,40 @@ def test_the_images_needed_to_confirm_a_target_are_the_fewest_that_do(bound: flo
 
 def test_a_target_too_fine_for_the_held_out_images_is_said() -> None:
     few = {"false_reject_rate": Rate(0, 10, "good images")}
-    line = OperatingPoint("false_reject", 0.05).unconfirmed(few)
-    assert line == (
-        "held-out images cannot confirm the target false_reject<=0.05: the 95% CI reaches "
-        "0.31 with 10 good images; 72 good images with no false reject would"
-    )
+    assert OperatingPoint("false_reject", 0.05).unconfirmed(few) == [
+        "held-out images cannot confirm false_reject<=0.05: the 95% CI reaches 0.31 with 10 "
+        "good images; 72 good images with no false reject would"
+    ]
     enough = {"false_reject_rate": Rate(0, 80, "good images")}
-    assert OperatingPoint("false_reject", 0.05).unconfirmed(enough) is None
-    escapes = {"recall": Rate(40, 40, "defective images")}
-    assert "no count of defective images can" in OperatingPoint("recall", 1.0).unconfirmed(escapes)
+    assert OperatingPoint("false_reject", 0.05).unconfirmed(enough) == []
+    escapes = {"recall": Rate(40, 40, "defective images"), "recall/crack": Rate(5, 5, "crack")}
+    lines = OperatingPoint("recall", 1.0, per_type=True).unconfirmed(escapes)
+    assert "no count of defective images can" in lines[0] and "for crack:" in lines[1]
+    none_held = {"false_reject_rate": Rate(0, 0, "good images")}
+    assert OperatingPoint("false_reject", 0.1).unconfirmed(none_held) == [
+        "no held-out good images to confirm false_reject<=0.1"
+    ]
+
+
+def test_tune_changes_only_what_its_flags_name() -> None:
+    run_point = OperatingPoint("cost", escape_cost=20.0, defect_rate=0.01)
+    flags = argparse.Namespace(objective=None, target=None, per_type=False)
+    assert chosen_point(run_point, flags) == run_point
+    flags.objective, flags.target = "recall", 0.99
+    changed = chosen_point(run_point, flags)
+    assert (changed.objective, changed.target, changed.escape_cost) == ("recall", 0.99, 20.0)
+    with pytest.raises(UserError, match="add --objective"):
+        chosen_point(run_point, argparse.Namespace(objective=None, target=0.1, per_type=False))
+
+
+def test_bad_nested_settings_are_named_by_their_config_path() -> None:
+    for settings, named in (
+        ({"objective": "false_reject"}, "threshold.operating_point.target must be a rate"),
+        ({"escape_cost": "2x"}, "threshold.operating_point.escape_cost must be a number"),
+        ({"foo": 1}, "threshold.operating_point.foo is not a setting"),
+    ):
+        with pytest.raises(UserError, match=named):
+            configured("threshold", lambda s=settings: ThresholdTuning(operating_point=s))
 
 
 def test_runs_differing_in_tuning_have_different_names() -> None:

@@ -120,7 +120,7 @@ def test_retune_cli_tunes_a_threshold_none_run(synthetic_root, tmp_path) -> None
     retuned = only_run(uri).data
     assert "pixel_f1" in retuned.metrics and "val_pixel_f1_tuned" in retuned.metrics
     points = [v for k, v in retuned.params.items() if k.endswith(".operating_point")]
-    assert points == ["false_reject<=0.34"]
+    assert points == ["false_reject<=0.34"] and retuned.tags["operating_point"] == points[0]
     assert (store / "optuna.db").is_file()
 
 

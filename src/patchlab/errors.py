@@ -28,7 +28,8 @@ class SettingError(UserError):
 
     The message template writes setting names as `{name}`. The code that raises it knows the
     names but not where a config file keeps them; `named` lets the config layer add that
-    (`{num_neighbors}` -> `model.num_neighbors`), and the plain message shows the bare name.
+    (`{num_neighbors}` -> `model.num_neighbors`), and the plain message shows the bare name. A
+    nested setting is dotted: `{operating_point.target}`.
     """
 
     def __init__(self, template: str) -> None:
@@ -37,7 +38,7 @@ class SettingError(UserError):
 
     def named(self, where: Callable[[str], str] = str) -> str:
         """The message with every `{setting}` replaced by `where(setting)`."""
-        return re.sub(r"\{(\w+)\}", lambda match: where(match.group(1)), self.template)
+        return re.sub(r"\{([\w.]+)\}", lambda match: where(match.group(1)), self.template)
 
 
 # Limits a setting's value must keep: (operator, operand) pairs, checked by `check_limits`.

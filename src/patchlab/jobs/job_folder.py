@@ -8,6 +8,8 @@ any job starts (so it works in every launcher's processes), and the job's own va
 overrides.
 """
 
+import hashlib
+import re
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -16,20 +18,36 @@ from omegaconf import OmegaConf
 
 RESOLVER = "job_folder"
 CATEGORY_KEYS = ("category", "category.name")  # the folder's name already says these
+MAX_NAME = 120  # characters; file systems stop at 255 bytes
 
 
 def job_folder(category: str) -> str:
-    """`category`, then `_key=value` for each other swept setting of this job."""
+    """`category`, then `_key=value` for each other swept setting of this job.
+
+    Without a `multirun.yaml` (a sweeper that keeps its search space elsewhere, such as
+    Optuna's) the swept settings are unknown: the job number keeps the folders apart.
+    """
     hydra = HydraConfig.get()
     sweep = Path(hydra.sweep.dir) / "multirun.yaml"
     if not sweep.is_file():
-        return category
+        return f"{category}_{hydra.job.num}"
     parser = OverridesParser.create()
     original = parser.parse_overrides(list(OmegaConf.load(sweep).hydra.overrides.task))
     swept = {o.key_or_group for o in original if o.is_sweep_override()} - set(CATEGORY_KEYS)
     mine = parser.parse_overrides(list(hydra.overrides.task))
-    values = [f"{o.key_or_group}={o.value()}" for o in mine if o.key_or_group in swept]
-    return "_".join([category, *values]).replace("/", "-")
+    values = [f"{o.key_or_group}={o.get_value_element_as_str()}" for o in mine]
+    chosen = [value for value, o in zip(values, mine, strict=True) if o.key_or_group in swept]
+    return folder_name("_".join([category, *chosen]))
+
+
+def folder_name(name: str) -> str:
+    """`name` safe as one folder name: path separators and spaces replaced, and past
+    MAX_NAME characters cut, with a digest of the whole so that cut names stay apart."""
+    safe = re.sub(r"[^\w.=,+@-]", "-", name)
+    if len(safe) <= MAX_NAME:
+        return safe
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{safe[: MAX_NAME - 9]}-{digest}"
 
 
 def register() -> None:

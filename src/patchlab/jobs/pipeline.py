@@ -146,6 +146,7 @@ def run(
         for line in found.lines():
             log.info("%s", line)
         run_log.params({f"tuned.{key}": value for key, value in found.params().items()})
+        run_log.tags({"operating_point": found.label})  # a re-tune moves it; params cannot move
         run_log.metrics(found.metrics)
     stages.enter("writing results")
     write_scores_csv(out, samples, output_dir / SCORES_FILE)

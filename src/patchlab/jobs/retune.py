@@ -2,14 +2,19 @@
 
     patchlab tune RUN_ID [--n-trials 200] [--tracking-uri sqlite:///mlruns/mlflow.db]
     patchlab tune RUN_ID --objective false_reject --target 0.02    # another operating point
+    patchlab tune RUN_ID --objective recall --target 1 --per-type
 
 Reads the run's `test_outputs.safetensors`, `scores.csv` and `config.yaml`, runs the study
 again, and logs the tuned parameters, metrics and plots back to the same run, under
-`retuned_<time>.*` params (MLflow params cannot change once logged). A run trained with
-`threshold=none` is tuned with the defaults of `threshold=optuna`.
+`retuned_<time>.*` params (MLflow params cannot change once logged) and the run's
+`operating_point` tag. A run trained with `threshold=none` is tuned with the defaults of
+`threshold=optuna`. The run's bank keeps its decisions: predict and the served model decide
+as the run was trained, so ship another operating point by training with it.
 """
 
+import argparse
 import csv
+import dataclasses
 import json
 import sys
 import tempfile
@@ -67,6 +72,17 @@ def retune(folder: Path, tuning: ThresholdTuning, cfg: DictConfig, run_id: str) 
     return found
 
 
+def chosen_point(run_point: OperatingPoint, args: argparse.Namespace) -> OperatingPoint:
+    """The run's operating point with the command line's changes; a flag that does not
+    change it is refused rather than ignored."""
+    if args.objective is None and (args.target is not None or args.per_type):
+        raise UserError("--target and --per-type choose an objective's target: add --objective")
+    if args.objective is None:
+        return run_point
+    changes = {"objective": args.objective, "target": args.target, "per_type": args.per_type}
+    return dataclasses.replace(run_point, **changes)
+
+
 @exit_on_user_error
 def main(argv: list[str] | None = None) -> None:
     parser = command_parser("tune", __doc__)
@@ -91,8 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         tuning = tuning_of(cfg)
         if args.n_trials is not None:
             tuning.n_trials = args.n_trials
-        if args.objective is not None:
-            tuning.operating_point = OperatingPoint(args.objective, args.target, args.per_type)
+        tuning.operating_point = chosen_point(tuning.operating_point, args)
         found = retune(local, tuning, cfg, args.run_id)
         for name in (OUTPUTS_FILE, SCORES_FILE, CONFIG_FILE):
             (local / name).unlink()
@@ -100,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
             prefix = f"retuned_{time.strftime('%Y%m%dT%H%M%S')}"
             run_log.params({f"{prefix}.{k}": v for k, v in found.params().items()})
             run_log.metrics(found.metrics)
+            run_log.tags({"operating_point": found.label})  # the point these metrics are at
             run_log.artifacts(local, "retune")
     print("\n".join(found.lines()), file=sys.stderr)
     print(json.dumps(found.metrics | found.travelling(), indent=2))

@@ -36,7 +36,7 @@ from patchlab.artifacts.store import (
 )
 from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
-from patchlab.errors import message
+from patchlab.errors import SettingError, message
 from patchlab.jobs import stages
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,10 @@ def run_name(cfg: DictConfig) -> str:
         from patchlab.tuning.operating_point import OperatingPoint  # only for tuned runs
 
         point = OmegaConf.to_container(cfg.threshold.get("operating_point") or {}, resolve=True)
-        decisions = f"tuned-{OperatingPoint(**point).label().replace(' ', '-')}"
+        try:
+            decisions = f"tuned-{OperatingPoint.of(point).label().replace(' ', '-')}"
+        except SettingError:  # the job's build names the bad setting, by its config path
+            decisions = "tuned"
     return (
         f"{cfg.category.name} {short_backbone(cfg.backbone.name)} "
         f"r{cfg.model.coreset_ratio:.2f} k{cfg.model.num_neighbors} {geometry}{tiles} {decisions}"

@@ -153,7 +153,10 @@ class Section:
 
 
 def _section(name: str, link: str, run: Run, images: list[Path]) -> Section:
-    metrics, point = run.data.metrics, run.data.params.get("tuned.operating_point")
+    metrics, params = run.data.metrics, run.data.params
+    point = run.data.tags.get("operating_point") or params.get("tuned.operating_point")
+    if point is None and "tuned.image_threshold" in params:  # tuned before operating points
+        point = "f1"
     if point is None:
         decision = "untuned: decisions at the test set's F1-max threshold, no held-out rates"
     else:

@@ -6,7 +6,8 @@ is met exactly on the validation images (the held-out part then shows how well i
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import numpy as np
@@ -47,17 +48,31 @@ class OperatingPoint:
     defect_rate: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("target", "escape_cost", "defect_rate"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, int | float):
+                raise SettingError(f"{{{name}}} must be a number, got {value!r}")
         check_limits(self.LIMITS, vars(self))
         needs_target = self.objective in ("false_reject", "recall")
         if needs_target and (self.target is None or not 0 <= self.target <= 1):
             raise SettingError(
-                f"{{operating_point.target}} must be a rate in [0, 1] for objective "
-                f"{self.objective}, got {self.target}"
+                f"{{target}} must be a rate in [0, 1] for objective {self.objective}, "
+                f"got {self.target}"
             )
         if self.defect_rate is not None and not 0 < self.defect_rate < 1:
-            raise SettingError(
-                f"{{operating_point.defect_rate}} must be in (0, 1) or null, got {self.defect_rate}"
-            )
+            raise SettingError(f"{{defect_rate}} must be in (0, 1) or null, got {self.defect_rate}")
+
+    @classmethod
+    def of(cls, settings: Mapping) -> "OperatingPoint":
+        """From `threshold.operating_point`; messages name the settings by that path."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(known))
+        try:
+            if unknown:
+                raise SettingError(f"{{{unknown[0]}}} is not a setting; there are {known}")
+            return cls(**settings)
+        except SettingError as error:
+            raise SettingError(error.template.replace("{", "{operating_point.")) from error
 
     def label(self) -> str:
         """Short and unique, for run names, predict's CSV and reports: `false_reject<=0.05`."""
@@ -78,34 +93,44 @@ class OperatingPoint:
         overall = rate == "recall" or (self.per_type and rate.startswith("recall/"))
         return f"; target >= {self.target:g}" if self.objective == "recall" and overall else ""
 
-    def unconfirmed(self, rates: dict[str, Rate]) -> str | None:
-        """A line saying when held-out `rates` are too few to confirm the target, and how
-        many images would: at 10 good images a measured 0 false rejects still allows 0.31."""
+    def unconfirmed(self, rates: dict[str, Rate]) -> list[str]:
+        """Lines saying where held-out `rates` are too few to confirm the target, and how many
+        images would: at 10 good images a measured 0 false rejects still allows 0.31."""
         if self.objective == "false_reject":
-            rate, far, bound = rates["false_reject_rate"], 1, self.target
-            failing = "false reject"
+            checked, bound, failing = ["false_reject_rate"], self.target, "false reject"
         elif self.objective == "recall":
-            rate, far, bound = rates["recall"], 0, 1 - self.target
-            failing = "escape"
+            per_type = [name for name in rates if self.per_type and name.startswith("recall/")]
+            checked, bound, failing = ["recall", *per_type], 1 - self.target, "escape"
         else:
-            return None
-        end = rate.interval()[far]
-        if rate.count and (end <= bound if far else end >= 1 - bound):
-            return None
-        needed = images_to_confirm(bound)
-        enough = (
-            f"{needed} {rate.noun} with no {failing} would"
-            if needed
-            else f"no count of {rate.noun} can"
-        )
-        return (
-            f"held-out images cannot confirm the target {self.label()}: the 95% CI reaches "
-            f"{end:.2f} with {rate.count} {rate.noun}; {enough}"
-        )
+            return []
+        lines = []
+        for name in checked:
+            rate = rates[name]
+            far = 1 if self.objective == "false_reject" else 0
+            end = rate.interval()[far]
+            if rate.count and (end <= bound if far else end >= 1 - bound):
+                continue
+            what = "" if name in ("recall", "false_reject_rate") else f" for {name[7:]}"
+            if not rate.count:
+                lines.append(f"no held-out {rate.noun} to confirm {self.label()}{what}")
+                continue
+            needed = images_to_confirm(bound)
+            enough = (
+                f"{needed} {rate.noun} with no {failing} would"
+                if needed
+                else f"no count of {rate.noun} can"
+            )
+            lines.append(
+                f"held-out images cannot confirm {self.label()}{what}: the 95% CI reaches "
+                f"{end:.2f} with {rate.count} {rate.noun}; {enough}"
+            )
+        return lines
 
     def choose(self, scores: torch.Tensor, labels: torch.Tensor, types: list[str]) -> float:
         """The image threshold (reject at or above it) that meets the objective on these
-        validation images; between two validation scores, so it decides them with a margin."""
+        validation images. Except for f1 (the F1-max threshold, as untuned runs report it) it
+        sits between two validation scores, so it decides them with a margin, and is exact in
+        the scores' precision: a float32 score compared with it decides as on validation."""
         defective = labels.bool()
         if not bool(defective.any()) or bool(defective.all()):
             raise UserError(
@@ -115,43 +140,49 @@ class OperatingPoint:
             )
         if self.objective == "f1":
             return f1_max(scores, labels)[1]
-        candidates = torch.unique(scores.double())  # ascending; each one rejects itself and up
-        caught = _at_or_above(scores[defective], candidates)
-        rejected_good = _at_or_above(scores[~defective], candidates)
-        recall = caught / int(defective.sum())
-        false_reject = rejected_good / int((~defective).sum())
+        # Ascending; each rejects itself and up. The last, just above every score, rejects none.
+        distinct = torch.unique(scores)
+        above = torch.nextafter(distinct[-1:], torch.tensor([math.inf], dtype=scores.dtype))
+        candidates = torch.cat([distinct, above])
+        recall = _at_or_above(scores[defective], candidates) / int(defective.sum())
+        false_reject = _at_or_above(scores[~defective], candidates) / int((~defective).sum())
         if self.objective == "false_reject":
-            feasible = false_reject <= self.target + 1e-12
-            best = _first(feasible, -recall, false_reject)
+            best = _first(false_reject <= self.target + 1e-12, -recall, false_reject)
         elif self.objective == "recall":
             feasible = recall >= self.target - 1e-12
             for name in defect_types(types, defective) if self.per_type else []:
                 of_type = torch.tensor([t == name for t in types]) & defective
-                feasible &= _at_or_above(scores[of_type], candidates) / int(of_type.sum()) >= (
-                    self.target - 1e-12
-                )
+                caught = _at_or_above(scores[of_type], candidates) / int(of_type.sum())
+                feasible &= caught >= self.target - 1e-12
             best = _first(feasible, false_reject, -recall)
         else:
             share = (
                 float(defective.float().mean()) if self.defect_rate is None else self.defect_rate
             )
             cost = self.escape_cost * share * (1 - recall) + (1 - share) * false_reject
-            best = _first(torch.ones_like(cost, dtype=torch.bool), cost, false_reject)
-        if best is None:  # nothing catches enough below the top score: reject nothing
-            return math.nextafter(float(candidates[-1]), math.inf)
-        if best == 0:
-            return float(candidates[0])
-        return float((candidates[best] + candidates[best - 1]) / 2)
+            best = _first(
+                torch.ones_like(cost, dtype=torch.bool), cost.round(decimals=12), false_reject
+            )
+        return _between(candidates, best)
+
+
+def _between(candidates: torch.Tensor, best: int) -> float:
+    """A threshold deciding the validation scores as candidate `best` does: halfway to the
+    next lower score when a value of the scores' dtype lies strictly between, else `best`."""
+    if best == 0 or best == len(candidates) - 1:
+        return float(candidates[best])
+    middle = (candidates[best] + candidates[best - 1]) / 2  # in the scores' own dtype
+    return float(middle if candidates[best - 1] < middle < candidates[best] else candidates[best])
 
 
 def _at_or_above(scores: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """How many of `scores` each candidate threshold rejects (float64 counts)."""
-    ordered = scores.double().sort().values
+    ordered = scores.sort().values
     return (len(ordered) - torch.searchsorted(ordered, candidates)).double()
 
 
-def _first(feasible: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> int | None:
-    """The feasible candidate with the smallest `first`, then `second`; None if none is."""
+def _first(feasible: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> int:
+    """The feasible candidate with the smallest `first`, then `second`. One always is:
+    rejecting nothing meets any false-reject cap, rejecting everything any recall floor."""
     order = np.lexsort((second.numpy(), first.numpy()))
-    order = order[feasible.numpy()[order]]
-    return int(order[0]) if len(order) else None
+    return int(order[feasible.numpy()[order]][0])

@@ -6,6 +6,7 @@ what a sign-off needs (Wilson's are narrower but can undercover at small counts)
 """
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +91,15 @@ def _count(flags: torch.Tensor) -> int:
     return int(flags.sum())
 
 
+def metric_name(name: str) -> str:
+    """`name` with what MLflow refuses in a metric name (a defect folder may be called
+    `crack (deep)`) replaced by `_`: alphanumerics, `_ - . /` and spaces stay."""
+    return re.sub(r"[^\w\-. /]", "_", name)
+
+
 def rate_metrics(part: str, rates: dict[str, Rate]) -> dict[str, float]:
     """`<part>_image_recall`, `<part>_image_recall/crack_ci_low`, ... for metrics and MLflow."""
     found: dict[str, float] = {}
     for name, rate in rates.items():
-        found |= rate.metrics(f"{part}_image_{name}")
+        found |= rate.metrics(metric_name(f"{part}_image_{name}"))
     return found

@@ -29,7 +29,13 @@ from patchlab.core.ranking import ALL, RankedCounts, rank
 from patchlab.errors import SettingError, UserError, check_limits
 from patchlab.tuning.operating_point import OperatingPoint
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at, value_range
-from patchlab.tuning.rates import Rate, decision_rates, defect_types, rate_metrics
+from patchlab.tuning.rates import (
+    Rate,
+    decision_rates,
+    defect_types,
+    metric_name,
+    rate_metrics,
+)
 from patchlab.tuning.split import stratified_split
 
 # threshold is on maps normalised to the validation maps' [min, max]; radii and areas in
@@ -93,9 +99,10 @@ class Tuning:
                 if "/" in name and part == "val":
                     continue
                 what = RATE_WORDS.get(name) or name.replace("/", " of ")
-                lines.append(rate.line(f"{words} {what}") + self.point.target_note(name))
-        unconfirmed = self.point.unconfirmed(self.rates.get("held_out", {}))
-        return lines + ([unconfirmed] if unconfirmed else [])
+                held = name in self.rates.get("val", {})  # a type validation never saw: no target
+                note = self.point.target_note(name) if held else ""
+                lines.append(rate.line(f"{words} {what}") + note)
+        return lines + self.point.unconfirmed(self.rates.get("held_out", {}))
 
 
 def normalised(maps: torch.Tensor, sigma: float, threshold: float, **params: int) -> PostProcessing:
@@ -179,7 +186,7 @@ class ThresholdTuning:
         if isinstance(self.search_space, DictConfig):
             self.search_space = OmegaConf.to_container(self.search_space, resolve=True)
         if not isinstance(self.operating_point, OperatingPoint):
-            self.operating_point = OperatingPoint(**dict(self.operating_point))
+            self.operating_point = OperatingPoint.of(dict(self.operating_point))
         check_limits(self.LIMITS, vars(self))
         unknown = set(self.search_space) - set(SEARCH_SPACE)
         if unknown or "sigma" not in self.search_space:
@@ -265,6 +272,14 @@ class ThresholdTuning:
             found = evaluate_outputs(synthetic)
             ranked = found.pixel.get(ALL)
             metrics = prefixed("val", found.metrics) | prefixed("held_out", evaluation.metrics)
+        defective = int(validation.labels.sum())
+        if not 0 < defective < len(validation.labels):
+            raise UserError(
+                f"threshold=optuna chooses thresholds on validation images, but its "
+                f"{len(validation.labels)} have {defective} defective: the test set needs good "
+                "and defective images, two or more of each type (threshold.val_fraction splits "
+                "them), or tune on threshold.validation=synthetic"
+            )
         study, post = None, None
         if validation.pixel_labelled:
             ranked = ranked or rank(validation.maps, validation.masks, validation.valid)
@@ -307,7 +322,7 @@ def defect_pixels_found(predicted: torch.Tensor, outputs: TestOutputs, types: li
         of_type = torch.tensor([t == name for t in types])
         defect_pixels = int(truth[of_type].sum())
         hits = int((predicted[of_type] & truth[of_type]).sum())
-        found[f"held_out_defect_pixels_found/{name}"] = (
+        found[metric_name(f"held_out_defect_pixels_found/{name}")] = (
             hits / defect_pixels if defect_pixels else math.nan
         )
     return found
