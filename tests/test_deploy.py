@@ -42,7 +42,7 @@ class TrainedRun:
     """A finished, tracked run: its folder, store URI, run id and test images."""
 
     def __init__(self, out: Path, store: Path, category: Path) -> None:
-        self.out, self.category = out, category.resolve()  # scores.csv holds resolved paths
+        self.out, self.category = out, category  # scores.csv keeps the paths as given
         self.uri = f"sqlite:///{store / 'mlflow.db'}"
         (run,) = MlflowClient(self.uri).search_runs(
             [MlflowClient(self.uri).get_experiment_by_name("patchcore").experiment_id]

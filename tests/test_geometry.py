@@ -224,6 +224,6 @@ def test_tiled_runs_predict_and_export_tile_by_tile(synthetic_root, tmp_path) ->
     exported = load_predictor(tmp_path / "onnx" / BANK_FILE, engine="onnx").predict(images)
     with (tmp_path / "run" / SCORES_FILE).open() as file:
         logged = {row["path"]: float(row["image_score"]) for row in csv.DictReader(file)}
-    assert [ours.score for ours in reference] == [logged[str(p.resolve())] for p in paths]
+    assert [ours.score for ours in reference] == [logged[str(p)] for p in paths]
     for ours, theirs in zip(reference, exported, strict=True):
         assert theirs.score == pytest.approx(ours.score, rel=1e-4)
