@@ -248,6 +248,6 @@ def test_prepare_starts_nothing_once_numbas_cache_holds_the_loop(monkeypatch, tm
     monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
     assert not coreset._compiled_before()
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "loop.pruned_greedy-30.py311.1.nbc").touch()
+    (tmp_path / "src" / "loop.select-67.py311.1.nbc").touch()
     PrunedGreedyCoresetSampler.prepare()
     assert PrunedGreedyCoresetSampler.compiling is None

@@ -190,4 +190,4 @@ def _compiled_before() -> bool:
     selection's loop; a stale entry is compiled again where it is used."""
     cache = os.environ.get("NUMBA_CACHE_DIR")
     folder = Path(cache) if cache else Path(__file__).with_name("pruned_greedy") / "__pycache__"
-    return folder.is_dir() and next(folder.rglob("loop.pruned_greedy-*.nbc"), None) is not None
+    return folder.is_dir() and next(folder.rglob("loop.select-*.nbc"), None) is not None

@@ -29,26 +29,29 @@ def member_order(dist: np.ndarray, index: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, fastmath=True)
-def copy(arena: tuple, src: int, dst: int) -> None:
-    index, dist, gate, levels, rot = arena
-    index[dst] = index[src]
-    dist[dst] = dist[src]
-    gate[dst] = gate[src]
-    for q in range(levels.shape[1]):
-        levels[dst, q] = levels[src, q]
-    for q in range(rot.shape[1]):
-        rot[dst, q] = rot[src, q]
+def copy(source: tuple, src: int, target: tuple, dst: int) -> None:
+    """One member's row, from `source` to `target` (the same arena or another one).
+
+    Rows are copied item by item throughout: slices and fancy indexing make numba generate
+    (and compile, on a first run) several times the code."""
+    target[0][dst] = source[0][src]
+    target[1][dst] = source[1][src]
+    target[2][dst] = source[2][src]
+    for q in range(source[3].shape[1]):
+        target[3][dst, q] = source[3][src, q]
+    for q in range(source[4].shape[1]):
+        target[4][dst, q] = source[4][src, q]
 
 
 @njit(cache=True)
 def sort_segment(arena: tuple, lo: int, hi: int) -> None:
-    index, dist, gate, levels, rot = arena
+    index, dist, _, levels, rot = arena
     order = member_order(dist[lo:hi].copy(), index[lo:hi].copy())
-    index[lo:hi] = index[lo:hi][order]
-    dist[lo:hi] = dist[lo:hi][order]
-    gate[lo:hi] = gate[lo:hi][order]
-    levels[lo:hi] = levels[lo:hi][order]
-    rot[lo:hi] = rot[lo:hi][order]
+    rows = new_arena(hi - lo, levels.shape[1], rot.shape[1] - 1)
+    for m in range(hi - lo):
+        copy(arena, lo + order[m], rows, m)
+    for m in range(hi - lo):
+        copy(rows, m, arena, lo + m)
 
 
 @njit(cache=True)
@@ -74,56 +77,62 @@ def compact(arena: tuple, start: np.ndarray, sizes: np.ndarray, clusters: int) -
         start[a] = end
         for j in range(old, old + sizes[a]):
             if j != end:
-                copy(arena, j, end)
+                copy(arena, j, arena, end)
             end += 1
     return end
 
 
 @njit(cache=True)
 def grown(arena: tuple, used: int, capacity: int) -> tuple:
-    index, dist, gate, levels, rot = arena
-    grown = new_arena(capacity, levels.shape[1], rot.shape[1] - 1)
-    grown[0][:used] = index[:used]
-    grown[1][:used] = dist[:used]
-    grown[2][:used] = gate[:used]
-    grown[3][:used] = levels[:used]
-    grown[4][:used] = rot[:used]
-    return grown
+    bigger = new_arena(capacity, arena[3].shape[1], arena[4].shape[1] - 1)
+    for j in range(used):
+        copy(arena, j, bigger, j)
+    return bigger
 
 
 @njit(cache=True, fastmath=True)
-def first_cluster(
-    points: np.ndarray, first: int, mean: np.ndarray, basis: np.ndarray, capacity: int
-) -> tuple:
-    """The arena with every patch in the first center's cluster, in member order, and the
-    int8 scale per axis and the largest squared distance from the mean."""
-    count = len(points)
-    axes = basis.shape[1]
-    quantised = min(QUANTISED_AXES, axes)
-    arena = new_arena(capacity, quantised, axes)
-    index, dist, gate, levels, rot = arena
-    first_dist = np.empty(count, dtype=np.float32)
-    for i in range(count):
+def distances_to(points: np.ndarray, first: int) -> np.ndarray:
+    """Squared distances of every patch to the first center, summed as the exact stage sums."""
+    first_dist = np.empty(len(points), dtype=np.float32)
+    for i in range(len(points)):
         first_dist[i] = sq_dist(points, i, points, first)
-    order = member_order(first_dist, np.arange(count))
-    scale = np.zeros(quantised, dtype=np.float32)
-    largest = np.float32(0.0)
-    for lo in range(0, count, 16384):
-        hi = min(lo + 16384, count)
-        centred = points[order[lo:hi]] - mean
-        rot[lo:hi, :axes] = np.dot(centred, basis)
-        for j in range(lo, hi):
-            index[j] = order[j]
-            dist[j] = first_dist[order[j]]
-            rot[j, axes] = np.dot(centred[j - lo], centred[j - lo])
-            largest = max(largest, rot[j, axes])
-            for q in range(quantised):
-                scale[q] = max(scale[q], abs(rot[j, q]))
-    for q in range(quantised):
-        scale[q] = scale[q] / np.float32(126.0) if scale[q] > 1e-30 else np.float32(1.0)
-    largest = largest * np.float32(1.01)
+    return first_dist
+
+
+@njit(cache=True, fastmath=True)
+def set_gates(arena: tuple, count: int, scale: np.ndarray, largest: float) -> None:
+    """Quantises the first `count` members and sets their stage-1 limits."""
+    _, dist, gate, levels, rot = arena
+    axes = rot.shape[1] - 1
     for j in range(count):
         gate[j] = reach(dist[j], quantise(rot[j], scale, levels[j]), rot[j, axes], largest)
+
+
+def first_cluster(
+    points: np.ndarray, first: int, mean: np.ndarray, basis: np.ndarray, capacity: int
+) -> tuple[tuple, np.ndarray, np.float32]:
+    """The arena with every patch in the first center's cluster, in member order, and the
+    int8 scale per axis and the largest squared distance from the mean.
+
+    Plain numpy where numpy is as fast (the rotation is one matrix product): numba compiles
+    every array expression on first use, and this setup was a third of that compile.
+    """
+    count, axes = len(points), basis.shape[1]
+    quantised = min(QUANTISED_AXES, axes)
+    arena = new_arena(capacity, quantised, axes)
+    index, dist, _, _, rot = arena
+    first_dist = distances_to(points, first)
+    order = member_order(first_dist, np.arange(count))
+    index[:count] = order
+    dist[:count] = first_dist[order]
+    for lo in range(0, count, 16384):  # bounded temporaries
+        centred = points[order[lo : lo + 16384]] - mean
+        rot[lo : lo + len(centred), :axes] = centred @ basis
+        rot[lo : lo + len(centred), axes] = np.einsum("ij,ij->i", centred, centred)
+    largest = np.float32(rot[:count, axes].max()) * np.float32(1.01)
+    top = np.abs(rot[:count, :quantised]).max(0)
+    scale = np.where(top > 1e-30, top / np.float32(126.0), np.float32(1.0)).astype(np.float32)
+    set_gates(arena, count, scale, largest)
     return arena, scale, largest
 
 
@@ -146,13 +155,13 @@ def move(
     kept = lo
     for j in range(lo, end):
         if t < movers and found[t] == j:
-            copy(arena, j, used)
+            copy(arena, j, arena, used)
             dist[used] = moved_dist[t]
             gate[used] = member_gate(dist[used], levels[used], rot[used], scale, largest)
             used += 1
             t += 1
         else:
             if kept != j:
-                copy(arena, j, kept)
+                copy(arena, j, arena, kept)
             kept += 1
     return kept, used, t

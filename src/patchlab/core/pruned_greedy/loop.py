@@ -18,7 +18,8 @@ from patchlab.core.pruned_greedy.widest_heap import sift_down, sift_up
 @njit(cache=True)
 def new_center(step: int, new_rot: np.ndarray, centers: tuple, scale: np.ndarray) -> None:
     center_rot, center_levels, center_err, _ = centers
-    center_rot[step] = new_rot
+    for q in range(len(new_rot)):
+        center_rot[step, q] = new_rot[q]
     center_err[step] = quantise(new_rot, scale, center_levels[:, step])
 
 
@@ -37,9 +38,6 @@ def set_radius(
     center_limit[a] = reach(4.0 * radius[a], center_err[a], norm, largest)
 
 
-# fastmath lets the distance sums vectorise; comparisons see no NaN or inf.
-# nogil: it runs beside the main thread (coreset.beside_main_thread).
-@njit(cache=True, fastmath=True, nogil=True)
 def pruned_greedy(
     points: np.ndarray,
     first: int,
@@ -52,16 +50,38 @@ def pruned_greedy(
 
     Distances are squared Euclidean in float32; `first` is the seeded first pick; `mean` and
     the orthonormal (D, m) `basis` give the bounds (see `bound_basis`). `spare` is the arena
-    room beyond N (default N / 4): less compacts more often, and the arena grows when a step
-    needs more.
+    room beyond N (default N): less compacts more often, and the arena grows when a step
+    needs more. Room costs address space, not memory, until movers fill it; growing copies
+    the arena, and the early steps (where half the patches may move at once) made bottle's
+    selection peak at twice its memory with N / 4.
     """
     count = len(points)
     if not 1 <= keep <= count:
         raise ValueError("keep must be between 1 and the number of points")
-    axes = basis.shape[1]
-    spare = count // 4 if spare < 0 else spare
+    spare = count if spare < 0 else spare
     capacity = count + spare + 1
     arena, scale, largest = first_cluster(points, first, mean, basis, capacity)
+    row = int(np.flatnonzero(arena[0][:count] == first)[0])  # the first center's arena row
+    return select(points, first, row, keep, arena, scale, largest, spare, capacity)
+
+
+# fastmath lets the distance sums vectorise; comparisons see no NaN or inf.
+# nogil: it runs beside the main thread (stoppable).
+@njit(cache=True, fastmath=True, nogil=True)
+def select(
+    points: np.ndarray,
+    first: int,
+    row: int,
+    keep: int,
+    arena: tuple,
+    scale: np.ndarray,
+    largest: float,
+    spare: int,
+    capacity: int,
+) -> np.ndarray:
+    """The selection loop over the first cluster's arena (`row`: the first center's row)."""
+    count = len(points)
+    axes = arena[4].shape[1] - 1
     clusters = (
         np.zeros(keep, dtype=np.int64),  # start of each cluster's segment in the arena
         np.zeros(keep, dtype=np.int64),  # its size
@@ -75,25 +95,23 @@ def pruned_greedy(
         np.empty(keep, dtype=np.float32),  # squared quantisation error
         np.empty(keep, dtype=np.float32),  # center-pass limit
     )
+    center_rot = centers[0]  # the new center's row there: the arena's rows move in a step
     heap, place = np.zeros(keep, dtype=np.int64), np.zeros(keep, dtype=np.int64)
     listed, tail = np.empty(keep, dtype=np.int64), np.empty(keep, dtype=np.int64)
     half, estimate = np.empty(keep, dtype=np.float32), np.empty(keep, dtype=np.float32)
     found, moved_dist = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.float32)
     selected = np.empty(keep, dtype=np.int64)
-    new_rot = np.empty(axes + 1, dtype=np.float32)
-    new_rot[:] = arena[4][np.argmax(arena[0][:count] == first)]  # its row in the arena
     selected[0] = first
-    new_center(0, new_rot, centers, scale)
+    new_center(0, arena[4][row], centers, scale)
     sizes[0] = count
     set_radius(0, arena, clusters, centers, largest, count)
     used = count
 
     for step in range(1, keep):
         slot = start[heap[0]] + sizes[heap[0]] - 1
-        new = arena[0][slot]
-        new_rot[:] = arena[4][slot]
+        new, new_rot = arena[0][slot], center_rot[step]
         selected[step] = new
-        new_center(step, new_rot, centers, scale)
+        new_center(step, arena[4][slot], centers, scale)
         losing = losing_clusters(step, new_rot, centers, radius, scale, listed, half, estimate)
         room = tails(losing, listed, half, arena[1], start, sizes, tail)
         if used + room > capacity:
