@@ -30,6 +30,29 @@ def test_f1_max_matches_sklearn_and_returns_a_raw_threshold() -> None:
     assert 2 * tp / (predicted.sum() + labels.sum()) == pytest.approx(expected, abs=1e-6)
 
 
+def test_curves_and_areas_read_in_chunks_equal_the_whole_curve_sums() -> None:
+    """Pixel-sized input, 2.5M distinct scores: the chunked AUROC, F1-max, ROC and PR agree
+    with scikit-learn and with the whole-curve expressions across chunk boundaries."""
+    generator = torch.Generator().manual_seed(2)
+    labels = torch.rand(2_500_000, generator=generator) < 0.05
+    scores = torch.randn(2_500_000, generator=generator) + 1.5 * labels
+    counts = rank(scores, labels)
+    assert len(counts.thresholds) > 2 * (1 << 20)
+    expected = roc_auc_score(labels.numpy(), scores.numpy())
+    assert counts.auroc() == pytest.approx(expected, abs=1e-12)
+    f1 = 2 * counts.true_pos.double() / (counts.true_pos + counts.false_pos + counts.positives)
+    best = int(f1.argmax())
+    assert counts.f1_max() == (float(f1[best]), float(counts.thresholds[best]))
+    fpr, tpr = counts.roc()
+    assert torch.equal(fpr, torch.cat([torch.zeros(1), counts.false_pos / counts.negatives]))
+    assert torch.equal(tpr, torch.cat([torch.zeros(1), counts.true_pos / counts.positives]))
+    recall, precision = counts.pr()
+    flagged = counts.true_pos + counts.false_pos
+    assert torch.equal(recall[:-1], (counts.true_pos / counts.positives).flip(0))
+    assert torch.equal(precision[:-1], (counts.true_pos / flagged).flip(0))
+    assert (recall[-1], precision[-1]) == (0, 1)
+
+
 def test_aupro_is_one_for_a_perfect_map_and_counts_regions_equally() -> None:
     masks = torch.zeros(2, 32, 32, dtype=torch.uint8)
     masks[0, 2:6, 2:6] = 1  # small region

@@ -22,33 +22,55 @@ class RankedCounts:
 
     def roc(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(FPR, TPR) from (0, 0) to (1, 1)."""
-        zero = torch.zeros(1)
-        fpr = torch.cat([zero, self.false_pos / max(self.negatives, 1)])
-        tpr = torch.cat([zero, self.true_pos / max(self.positives, 1)])
+        fpr, tpr = torch.zeros(len(self.thresholds) + 1), torch.zeros(len(self.thresholds) + 1)
+        torch.div(self.false_pos, max(self.negatives, 1), out=fpr[1:])
+        torch.div(self.true_pos, max(self.positives, 1), out=tpr[1:])
         return fpr, tpr
 
     def pr(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(recall, precision) from recall 1 down to the (0, 1) end point."""
-        recall = (self.true_pos / max(self.positives, 1)).flip(0)
-        precision = (self.true_pos / (self.true_pos + self.false_pos)).flip(0)
-        return torch.cat([recall, torch.zeros(1)]), torch.cat([precision, torch.ones(1)])
+        count = len(self.thresholds)
+        recall, precision = torch.zeros(count + 1), torch.ones(count + 1)
+        for lo, hi in _chunks(count):  # written reversed, chunk by chunk: no whole-curve copies
+            true_pos = self.true_pos[lo:hi]
+            flagged = true_pos + self.false_pos[lo:hi]
+            recall[count - hi : count - lo] = (true_pos / max(self.positives, 1)).flip(0)
+            precision[count - hi : count - lo] = (true_pos / flagged).flip(0)
+        return recall, precision
 
     def auroc(self) -> float:
-        """Trapezoidal area, summed in float64 from the exact integer counts; NaN for one class."""
+        """Trapezoidal area from the exact integer counts, summed exactly in int64; NaN for
+        one class. Chunked: whole-curve float64 copies of a category's 4M pixels were over
+        100 MB, a run's peak memory."""
         if self.positives == 0 or self.negatives == 0:
             return float("nan")
-        zero = torch.zeros(1, dtype=torch.float64)
-        false_pos = torch.cat([zero, self.false_pos.double()])
-        true_pos = torch.cat([zero, self.true_pos.double()])
-        return float(torch.trapezoid(true_pos, false_pos)) / (self.positives * self.negatives)
+        twice_area, fp_before, tp_before = 0, 0, 0
+        for lo, hi in _chunks(len(self.thresholds)):
+            false_pos, true_pos = self.false_pos[lo:hi].long(), self.true_pos[lo:hi].long()
+            width = false_pos.diff(prepend=torch.tensor([fp_before]))
+            height = true_pos + torch.cat([torch.tensor([tp_before]), true_pos[:-1]])
+            twice_area += int((width * height).sum())
+            fp_before, tp_before = int(false_pos[-1]), int(true_pos[-1])
+        return twice_area / 2 / (self.positives * self.negatives)
 
     def f1_max(self) -> tuple[float, float]:
-        """Best F1 and the score that reaches it: `scores >= threshold` reproduces it exactly."""
+        """Best F1 and the score that reaches it: `scores >= threshold` reproduces it exactly.
+        Ties go to the highest threshold (the first in this order)."""
         if self.positives == 0:
             return float("nan"), float("nan")
-        f1 = 2 * self.true_pos.double() / (self.true_pos + self.false_pos + self.positives)
-        best = int(f1.argmax())
-        return float(f1[best]), float(self.thresholds[best])
+        best, where = -1.0, 0
+        for lo, hi in _chunks(len(self.thresholds)):
+            true_pos = self.true_pos[lo:hi]
+            f1 = 2 * true_pos.double() / (true_pos + self.false_pos[lo:hi] + self.positives)
+            index = int(f1.argmax())
+            if float(f1[index]) > best:
+                best, where = float(f1[index]), lo + index
+        return best, float(self.thresholds[where])
+
+
+def _chunks(count: int, size: int = 1 << 20) -> list[tuple[int, int]]:
+    """[lo, hi) ranges that walk `count` items a million at a time."""
+    return [(lo, min(lo + size, count)) for lo in range(0, count, size)]
 
 
 ALL = "all"  # the whole test set, beside the named parts of a split
