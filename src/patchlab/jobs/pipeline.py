@@ -1,7 +1,5 @@
 """One category, end to end: check data, build the bank, test, tune, write and log the results."""
 
-import ctypes
-import ctypes.util
 import logging
 import math
 import resource
@@ -29,27 +27,9 @@ from patchlab.jobs.build import build
 from patchlab.jobs.tracking import NO_RUN, RunLog
 from patchlab.training.datamodule import AnomalyDataModule
 from patchlab.training.lightning_module import expected_warnings_silenced
+from patchlab.training.memory import release_freed_memory
 
 log = logging.getLogger(__name__)
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-
-
-def release_freed_memory() -> None:
-    """Hands the heap's free memory back to the OS, and makes glibc do so for every later
-    buffer of 1 MiB or more.
-
-    By default glibc raises its mmap threshold after each free, up to 32 MiB, so the 16 MB
-    per-pixel buffers of metrics and figures come from the heap, whose freed holes stay
-    resident: on bottle that added about 250 MB of peak RSS. Called after the test pass: a
-    fixed threshold from the start would make every batch buffer a fresh zero-filled mapping,
-    which cost 4 s of fit and 2.5 s of test on bottle. Elsewhere (macOS, musl) this does
-    nothing.
-    """
-    libc_name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(libc_name) if libc_name else None
-    if libc is not None and hasattr(libc, "mallopt"):
-        libc.malloc_trim(0)
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def peak_rss_mb() -> float:

@@ -5,6 +5,7 @@ The config is checked before the heavy imports (torch, Lightning, MLflow): a bad
 answers in a second or two.
 """
 
+import gc
 import logging
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[s
     # MLflow's own requests (open, params, artifacts) stay outside: a stop waits for them.
     with tracked_run(cfg, output_dir, sweep) as run_log, stages.interruptible():
         metrics, _, _ = run(cfg, output_dir, run_log)
+    # Lightning's trainer and module refer to each other: without a collection, a sweep's
+    # next job would start beside this one's features, bank and maps.
+    gc.collect()
     return metrics
 
 

@@ -12,6 +12,7 @@ from patchlab.core.detector import PatchCore
 from patchlab.core.outputs import TestOutputs
 from patchlab.core.patches import PatchCollector
 from patchlab.core.stoppable import Stop
+from patchlab.training.memory import trim_heap
 
 # Both are PatchCore by design, not mistakes: it has no optimizer, and its backbone stays frozen
 # in eval mode. A user seeing them would go looking for a bug that is not there. The last is
@@ -72,6 +73,7 @@ class PatchCoreModule(pl.LightningModule):
         """Selects each member's coreset; patches wait in host memory (larger than a GPU's)."""
         features = self._collector.features()
         self._collector = None
+        trim_heap()
         self.detector.fit(features, self.stop)
 
     def on_test_start(self) -> None:
