@@ -40,9 +40,9 @@ def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[s
             return reuse(found, cfg, output_dir)
     # MLflow's own requests (open, params, artifacts) stay outside: a stop waits for them.
     with tracked_run(cfg, output_dir, sweep) as run_log, stages.interruptible():
-        metrics, _, _ = run(cfg, output_dir, run_log)
+        metrics = run(cfg, output_dir, run_log)[0]  # nothing else of the run stays referenced
     # Lightning's trainer and module refer to each other: without a collection, a sweep's
-    # next job would start beside this one's features, bank and maps.
+    # next job would start beside this one's features, bank and maps (and freeze them).
     gc.collect()
     return metrics
 
