@@ -81,6 +81,7 @@ def run(
     detector, samples = module.detector, datamodule.test_samples
     log.info("Model ready: %s", cfg.backbone.name)
     run_log.datasets(cfg.category.name, {"train": datamodule.train_samples, "test": samples})
+    run_log.prepare_model()
     start = time.perf_counter()
     with expected_warnings_silenced():
         trainer.fit(module, datamodule=datamodule)

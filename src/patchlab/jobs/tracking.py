@@ -216,6 +216,19 @@ class RunLog:
         if self.active:
             mlflow.set_tags(values)
 
+    def prepare_model(self) -> None:
+        """Starts, in a background thread, the map MLflow builds to check a logged model's pip
+        requirements against the installed packages: every installed file mapped to its
+        package, 1.4 s on a 2-core machine, once per process. Called as feature extraction
+        starts (torch runs without the GIL there), so the map is ready when `model` logs. A
+        no-op if MLflow no longer has the function.
+        """
+        from mlflow.utils import requirements_utils
+
+        warm = getattr(requirements_utils, "_init_modules_to_packages_map", None)
+        if self.active and warm is not None:
+            threading.Thread(target=warm, name="mlflow-requirements", daemon=True).start()
+
     def artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         if self.active:
             mlflow.log_artifacts(str(folder), artifact_path)
@@ -344,7 +357,6 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
         output_dir.mkdir(parents=True, exist_ok=True)  # the folder says which run it is
         write_json({"run_id": run.info.run_id, "url": link}, output_dir / RUN_FILE)
         mlflow.log_params(run_params(cfg))
-        _warm_requirements_check()
         log = RunLog(active=True)
         killed = False
         try:
@@ -363,19 +375,6 @@ def _open_run(cfg: DictConfig, output_dir: Path, sweep: str | None) -> Iterator[
             if killed:
                 mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
             logger.info("MLflow run %s logged: %s", run.info.run_id, link)
-
-
-def _warm_requirements_check() -> None:
-    """Starts, in a background thread, the map MLflow builds to check a logged model's pip
-    requirements against the installed packages: every installed file mapped to its package,
-    1.4 s on a 2-core machine, once per process. Built while the job extracts features (torch
-    runs without the GIL there), it is ready when the model is logged. A no-op if MLflow no
-    longer has the function."""
-    from mlflow.utils import requirements_utils
-
-    warm = getattr(requirements_utils, "_init_modules_to_packages_map", None)
-    if warm is not None:
-        threading.Thread(target=warm, name="mlflow-requirements", daemon=True).start()
 
 
 def start_sweep_run(config: DictConfig, sweep_dir: Path) -> str:
