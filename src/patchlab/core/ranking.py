@@ -3,6 +3,7 @@ metric and curve reads, for a whole test set and the parts of its split."""
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -111,14 +112,17 @@ def rank_parts(
         keep = valid.flatten().numpy()
         where = torch.from_numpy(keep.nonzero()[0])  # each kept element's flat position
         flat, truth = torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(truth.numpy()[keep])
-    ordered, order = flat.sort(descending=True)
-    positive = truth[order].bool()
+    # numpy's argsort (vectorised where the CPU has AVX-512) took a third of torch's 0.38 s on
+    # bottle's 4M pixels; reversed, ties come in another order, which no count depends on.
+    order = np.argsort(flat.numpy())[::-1]
+    ordered = torch.from_numpy(flat.numpy()[order])
+    positive = torch.from_numpy(truth.numpy()[order]).bool()
     member = None
     if parts:
-        owner = torch.zeros(len(scores), dtype=torch.int8)
+        owner = np.zeros(len(scores), dtype=np.int8)
         for number, index in enumerate(parts.values(), start=1):
-            owner[index] = number
-        member = owner[(order if where is None else where[order]) // per_image].numpy()
+            owner[index.numpy()] = number
+        member = owner[(order if where is None else where.numpy()[order]) // per_image]
     del order, where  # int64, the largest buffers: free them before the next allocations
     ranked = {ALL: _counted(ordered, positive)}
     for number, name in enumerate(parts or {}, start=1):
