@@ -32,7 +32,7 @@ class RankedCounts:
         """(recall, precision) from recall 1 down to the (0, 1) end point."""
         count = len(self.thresholds)
         recall, precision = torch.zeros(count + 1), torch.ones(count + 1)
-        for lo, hi in _chunks(count):  # written reversed, chunk by chunk: no whole-curve copies
+        for lo, hi in chunks(count):  # written reversed, chunk by chunk: no whole-curve copies
             true_pos = self.true_pos[lo:hi]
             flagged = true_pos + self.false_pos[lo:hi]
             recall[count - hi : count - lo] = (true_pos / max(self.positives, 1)).flip(0)
@@ -46,7 +46,7 @@ class RankedCounts:
         if self.positives == 0 or self.negatives == 0:
             return float("nan")
         twice_area, fp_before, tp_before = 0, 0, 0
-        for lo, hi in _chunks(len(self.thresholds)):
+        for lo, hi in chunks(len(self.thresholds)):
             false_pos, true_pos = self.false_pos[lo:hi].long(), self.true_pos[lo:hi].long()
             width = false_pos.diff(prepend=torch.tensor([fp_before]))
             height = true_pos + torch.cat([torch.tensor([tp_before]), true_pos[:-1]])
@@ -60,7 +60,7 @@ class RankedCounts:
         if self.positives == 0:
             return float("nan"), float("nan")
         best, where = -1.0, 0
-        for lo, hi in _chunks(len(self.thresholds)):
+        for lo, hi in chunks(len(self.thresholds)):
             true_pos = self.true_pos[lo:hi]
             f1 = 2 * true_pos.double() / (true_pos + self.false_pos[lo:hi] + self.positives)
             index = int(f1.argmax())
@@ -69,8 +69,9 @@ class RankedCounts:
         return best, float(self.thresholds[where])
 
 
-def _chunks(count: int, size: int = 1 << 20) -> list[tuple[int, int]]:
-    """[lo, hi) ranges that walk `count` items a million at a time."""
+def chunks(count: int, size: int = 1 << 20) -> list[tuple[int, int]]:
+    """[lo, hi) ranges that walk `count` items `size` (a million) at a time: a category's
+    pixel curves are read in these, never copied whole in float64."""
     return [(lo, min(lo + size, count)) for lo in range(0, count, size)]
 
 

@@ -223,10 +223,12 @@ class RunLog:
         starts (torch runs without the GIL there), so the map is ready when `model` logs. A
         no-op if MLflow no longer has the function.
         """
+        if not self.active:
+            return
         from mlflow.utils import requirements_utils
 
         warm = getattr(requirements_utils, "_init_modules_to_packages_map", None)
-        if self.active and warm is not None:
+        if warm is not None:
             threading.Thread(target=warm, name="mlflow-requirements", daemon=True).start()
 
     def artifacts(self, folder: Path, artifact_path: str | None = None) -> None:

@@ -38,12 +38,14 @@ def run_or_reuse(cfg: DictConfig, output_dir: Path, sweep: str | None) -> dict[s
             return reuse(found, cfg, output_dir)
     gc.freeze()  # the objects so far (the imports'): the collection below skips them (0.5 s)
     # MLflow's own requests (open, params, artifacts) stay outside: a stop waits for them.
-    with tracked_run(cfg, output_dir, sweep) as run_log, stages.interruptible():
-        metrics = run(cfg, output_dir, run_log)[0]  # nothing else of the run stays referenced
-    # Lightning's trainer and module refer to each other: without a collection, a sweep's
-    # next job would start beside this one's features, bank and maps.
-    gc.collect()
-    gc.unfreeze()  # what was frozen is collectable again, by later full collections
+    try:
+        with tracked_run(cfg, output_dir, sweep) as run_log, stages.interruptible():
+            metrics = run(cfg, output_dir, run_log)[0]  # nothing else of the run stays referenced
+    finally:
+        # Lightning's trainer and module refer to each other: without a collection, a sweep's
+        # next job would start beside this one's features, bank and maps.
+        gc.collect()
+        gc.unfreeze()  # what was frozen is collectable again, by later full collections
     return metrics
 
 

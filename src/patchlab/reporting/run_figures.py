@@ -11,7 +11,7 @@ import torch
 from matplotlib.figure import Figure
 
 from patchlab.core.outputs import TestOutputs
-from patchlab.core.ranking import RankedCounts, rank
+from patchlab.core.ranking import RankedCounts, chunks, rank
 from patchlab.data.mvtec import Sample, read_image
 from patchlab.reporting.image_figures import FAST_PNG, image_panel, showcase_order
 from patchlab.tuning.operating_point import OperatingPoint
@@ -146,8 +146,8 @@ def _curve(counts: RankedCounts, kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _steps(x: np.ndarray, y: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     """Per chunk of points from `lo`: the L1 step into each point (0 into the first)."""
-    for lo in range(0, len(x), CURVE_CHUNK):
-        start, hi = max(lo - 1, 0), min(lo + CURVE_CHUNK, len(x))
+    for lo, hi in chunks(len(x), CURVE_CHUNK):
+        start = max(lo - 1, 0)
         steps = np.abs(np.diff(x[start:hi]).astype(np.float64))
         steps += np.abs(np.diff(y[start:hi]))
         yield lo, (np.concatenate([[0.0], steps]) if lo == 0 else steps)
