@@ -1,6 +1,7 @@
 """Figures and the report: right files and sizes, headless, deterministic, numbers from MLflow."""
 
 import math
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -70,7 +71,10 @@ def test_every_figure_is_written_at_its_size(tracked_run_dir: Path) -> None:
     assert heatmaps[0].name.startswith("000_") and "good" in heatmaps[1].name
 
 
-def test_rendering_is_headless_and_deterministic(tracked_run_dir: Path) -> None:
+def test_rendering_is_headless_and_deterministic(
+    tracked_run_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same bytes from the command, in process, and with no second process to draw in."""
     run_dir = tracked_run_dir / "run"
     before = {p: p.read_bytes() for p in run_dir.glob("*/*.png") if p.parent.name != "tuning"}
     env = {k: v for k, v in os.environ.items() if k != "DISPLAY"} | {"MPLBACKEND": "Agg"}
@@ -84,6 +88,9 @@ def test_rendering_is_headless_and_deterministic(tracked_run_dir: Path) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     after = {p: p.read_bytes() for p in before}
     assert after == before
+    render_run(run_dir, *load_run(run_dir))
+    assert {p: p.read_bytes() for p in before} == before
+    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     render_run(run_dir, *load_run(run_dir))
     assert {p: p.read_bytes() for p in before} == before
 

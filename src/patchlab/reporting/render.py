@@ -9,6 +9,7 @@ reads the same from a run folder's files:
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from patchlab.data.geometry import geometry_from
 from patchlab.data.mvtec import Sample
 from patchlab.errors import UserError, command_parser, exit_on_user_error
 from patchlab.reporting.image_figures import write_heatmaps
+from patchlab.reporting.parallel import beside
 from patchlab.reporting.run_figures import Decision, write_run_figures
 from patchlab.tuning.operating_point import OperatingPoint
 from patchlab.tuning.postprocess import PostProcessing, binarize, maps_at
@@ -71,12 +73,16 @@ class RunView:
 
 
 def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
-    """Writes heatmaps/ and figures/ into `run_dir`; `figures` is the run's `figures` config."""
+    """Writes heatmaps/ and figures/ into `run_dir`; `figures` is the run's `figures` config.
+
+    The heatmaps are drawn in a forked process beside the run's figures (`parallel.beside`).
+    """
     out = view.outputs
     predicted = None
     if view.post is not None:
         predicted = binarize(maps_at(out, view.post.sigma), view.post)
-    paths = write_heatmaps(
+    heatmaps = partial(
+        write_heatmaps,
         out,
         view.samples,
         view.display,
@@ -86,7 +92,8 @@ def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
         view.decision.threshold,
         predicted,
     )
-    return paths + write_run_figures(
+    curves = partial(
+        write_run_figures,
         out,
         view.samples,
         view.display,
@@ -96,6 +103,10 @@ def render_run(run_dir: Path, view: RunView, figures: DictConfig) -> list[Path]:
         view.image,
         view.pixel,
     )
+    if figures.count == 0:  # no heatmaps: nothing worth a second process
+        return heatmaps() + curves()
+    drawn_apart, drawn_here = beside(heatmaps, curves)
+    return drawn_apart + drawn_here
 
 
 def load_run(run_dir: Path) -> tuple[RunView, DictConfig]:
