@@ -147,12 +147,30 @@ def test_the_images_needed_to_confirm_a_target_are_the_fewest_that_do(bound: flo
     assert Rate(0, needed - 1, "good images").interval()[1] > bound
 
 
+def test_the_images_needed_at_a_measured_rate_confirm_the_target_at_that_rate() -> None:
+    needed = images_to_confirm(0.05, 0.02)
+    assert Rate(round(0.02 * needed), needed, "").interval()[1] <= 0.05
+    assert Rate(round(0.02 * (needed - 1)), needed - 1, "").interval()[1] > 0.05
+    assert images_to_confirm(0.05, 0.05) is None and images_to_confirm(0.05, 0.2) is None
+
+
 def test_a_target_too_fine_for_the_held_out_images_is_said() -> None:
     few = {"false_reject_rate": Rate(0, 10, "good images")}
     assert OperatingPoint("false_reject", 0.05).unconfirmed(few) == [
         "held-out images cannot confirm false_reject<=0.05: the 95% CI reaches 0.31 with 10 "
         "good images; 72 good images with no false reject would"
     ]
+    some = {"false_reject_rate": Rate(4, 96, "good images")}  # magnetic tile's held-out half
+    assert OperatingPoint("false_reject", 0.05).unconfirmed(some) == [
+        "held-out images cannot confirm false_reject<=0.05: the 95% CI reaches 0.10 with 96 "
+        "good images; about 2619 good images at the measured rate would"
+    ]
+    over = {"false_reject_rate": Rate(6, 96, "good images")}
+    assert (
+        OperatingPoint("false_reject", 0.05)
+        .unconfirmed(over)[0]
+        .endswith("no count of good images can: the measured rate misses the target")
+    )
     enough = {"false_reject_rate": Rate(0, 80, "good images")}
     assert OperatingPoint("false_reject", 0.05).unconfirmed(enough) == []
     escapes = {"recall": Rate(40, 40, "defective images"), "recall/crack": Rate(5, 5, "crack")}

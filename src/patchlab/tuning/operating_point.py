@@ -114,12 +114,15 @@ class OperatingPoint:
             if not rate.count:
                 lines.append(f"no held-out {rate.noun} to confirm {self.label()}{what}")
                 continue
-            needed = images_to_confirm(bound)
-            enough = (
-                f"{needed} {rate.noun} with no {failing} would"
-                if needed
-                else f"no count of {rate.noun} can"
-            )
+            observed = rate.value if far else 1 - rate.value  # the failing fraction
+            needed = images_to_confirm(bound, observed)
+            if needed is None:
+                beyond = ": the measured rate misses the target" if bound > 0 else ""
+                enough = f"no count of {rate.noun} can{beyond}"
+            elif observed == 0:
+                enough = f"{needed} {rate.noun} with no {failing} would"
+            else:
+                enough = f"about {needed} {rate.noun} at the measured rate would"
             lines.append(
                 f"held-out images cannot confirm {self.label()}{what}: the 95% CI reaches "
                 f"{end:.2f} with {rate.count} {rate.noun}; {enough}"

@@ -52,15 +52,25 @@ class Rate:
         return f"{what} {self.value:.3f} (95% CI {low:.2f}-{high:.2f}, {self.count} {self.noun})"
 
 
-def images_to_confirm(bound: float) -> int | None:
-    """How many images, none of them failing, put a rate's 95% Clopper-Pearson bound at
-    `bound` (e.g. 72 good images without a false reject bound the false-reject rate at 0.05);
-    None when no count can (a bound of 0)."""
-    if bound <= 0:
+def images_to_confirm(bound: float, observed: float = 0.0) -> int | None:
+    """How many images, failing at the `observed` rate, put a failure rate's 95% upper
+    Clopper-Pearson bound at `bound`: 72 good images without a false reject bound the
+    false-reject rate at 0.05, and at a measured 0.042 it takes thousands. None when no count
+    can: the observed rate is at or above the bound."""
+    if observed >= bound:
         return None
-    if bound >= 1:
-        return 1
-    return math.ceil(math.log((1 - CONFIDENCE) / 2) / math.log(1 - bound))
+
+    def confirms(count: int) -> bool:
+        return Rate(round(observed * count), count, "").interval()[1] <= bound
+
+    high = 1
+    while not confirms(high):
+        high *= 2
+    low = high // 2  # does not confirm (or 0): the fewest that do lie in (low, high]
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if confirms(middle) else (middle, high)
+    return high
 
 
 def decision_rates(
