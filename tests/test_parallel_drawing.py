@@ -2,6 +2,8 @@
 
 import multiprocessing
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -22,11 +24,11 @@ def test_a_failure_apart_is_raised_here_with_its_traceback() -> None:
     with pytest.raises(DrawingFailed) as caught:
         beside(broken, lambda: None)
     assert str(caught.value) == "ValueError: cannot decode a.png"  # the one line a job prints
-    assert "in broken" in caught.value.__notes__[0]
+    assert "in broken" in str(caught.value.__cause__)
 
 
 def test_a_process_that_dies_without_a_word_is_reported() -> None:
-    with pytest.raises(DrawingFailed, match=r"died \(exit code 3\)"):
+    with pytest.raises(DrawingFailed, match="the figure process exited with code 3"):
         beside(lambda: os._exit(3), lambda: None)
 
 
@@ -48,6 +50,34 @@ def test_a_failure_here_stops_the_work_apart(tmp_path: Path) -> None:
     assert not finished.exists()
 
 
-def test_without_fork_both_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+def test_a_failure_here_is_raised_as_itself(tmp_path: Path) -> None:
+    """Even an EOFError: only the pipe's own end means the child died."""
+
+    def broken() -> None:
+        raise EOFError("truncated file")
+
+    with pytest.raises(EOFError, match="truncated file"):
+        beside(lambda: time.sleep(20), broken)
+    assert not multiprocessing.active_children()
+
+
+def test_a_killed_child_is_named_by_its_signal() -> None:
+    with pytest.raises(DrawingFailed, match="was killed by SIGKILL"):
+        beside(lambda: os.kill(os.getpid(), signal.SIGKILL), lambda: None)
+
+
+def test_off_linux_both_run_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "platform", "darwin")
     assert beside(os.getpid, os.getpid) == (os.getpid(), os.getpid())
+
+
+def test_the_child_leaves_ctrl_c_and_slurms_warning_to_the_parent() -> None:
+    """SIGINT and SIGUSR2 reach the whole process group: the child keeps drawing (the parent
+    kills it if it stops), and never runs submitit's requeue a second time."""
+
+    def signalled() -> str:
+        for number in (signal.SIGINT, signal.SIGUSR2):
+            os.kill(os.getpid(), number)
+        return "drawn"
+
+    assert beside(signalled, lambda: None) == ("drawn", None)

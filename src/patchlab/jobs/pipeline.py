@@ -148,7 +148,7 @@ def run(
     ignore = datamodule.preprocessing.ignore
     save_bank(detector.banks, cfg, output_dir / BANK_FILE, decisions, detector.statistics, ignore)
     unfinished.unlink()
-    metrics["peak_rss_mb"] = peak_rss_mb()  # figures included: the whole run's peak
+    metrics["peak_rss_mb"] = peak_rss_mb()  # this process's: the heatmaps' child is apart
     run_log.metrics({"peak_rss_mb": metrics["peak_rss_mb"]})
     write_json(metrics, output_dir / METRICS_FILE)
     log.info("Results written to %s", output_dir)

@@ -74,7 +74,9 @@ def _on_signal(signal_number: int, frame: FrameType | None) -> None:
 
 def _on_warning(signal_number: int, frame: FrameType | None) -> None:
     global _received
-    if os.getpid() == _owner and _received is None:
+    if os.getpid() != _owner:
+        return  # a forked child: requeueing the job is the parent's to do, once
+    if _received is None:
         _received = signal_number
     if callable(_warned_by):
         _warned_by(signal_number, frame)

@@ -117,8 +117,8 @@ class OperatingPoint:
             observed = rate.value if far else 1 - rate.value  # the failing fraction
             needed = images_to_confirm(bound, observed)
             if needed is None:
-                beyond = ": the measured rate misses the target" if bound > 0 else ""
-                enough = f"no count of {rate.noun} can{beyond}"
+                at = f" at the measured {observed:.3f}" if bound > 0 else ""
+                enough = f"no count of {rate.noun} can{at}"
             elif observed == 0:
                 enough = f"{needed} {rate.noun} with no {failing} would"
             else:

@@ -13,6 +13,7 @@ import torch
 from scipy.stats import beta
 
 CONFIDENCE = 0.95
+MOST_IMAGES = 10**9  # images_to_confirm looks no further
 
 
 @dataclass(frozen=True)
@@ -56,13 +57,20 @@ def images_to_confirm(bound: float, observed: float = 0.0) -> int | None:
     """How many images, failing at the `observed` rate, put a failure rate's 95% upper
     Clopper-Pearson bound at `bound`: 72 good images without a false reject bound the
     false-reject rate at 0.05, and at a measured 0.042 it takes thousands. None when no count
-    can: the observed rate is at or above the bound."""
-    if observed >= bound:
-        return None
+    up to MOST_IMAGES can: the observed rate is at, above or just below the bound.
+
+    The failures are counted as the fraction they are (`observed * count`), not rounded: the
+    bound then falls steadily with the count, and the search finds its first count below
+    `bound`.
+    """
 
     def confirms(count: int) -> bool:
-        return Rate(round(observed * count), count, "").interval()[1] <= bound
+        failures = observed * count
+        tail = (1 - CONFIDENCE) / 2
+        return float(beta.ppf(1 - tail, failures + 1, count - failures)) <= bound
 
+    if not observed < bound or not confirms(MOST_IMAGES):
+        return None
     high = 1
     while not confirms(high):
         high *= 2
